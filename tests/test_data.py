@@ -1,0 +1,267 @@
+"""Tests for safesteer.data: the bundled prompt sets and the file loader."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pathlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from safesteer.data import (
+    BUNDLED,
+    DataError,
+    Prompt,
+    bundled_path,
+    load_prompts,
+    normalize_instruction,
+)
+
+EXPECTED_COUNTS = {
+    "train_harmful": 100,
+    "direction_harmful_train": 128,
+    "direction_harmful_val": 32,
+    "direction_harmless_train": 128,
+    "direction_harmless_val": 32,
+    "eval_edgy_benign": 80,
+    "eval_mmlu": 285,
+}
+HARMFUL_EVAL = ("eval_advbench", "eval_harmbench", "eval_donotanswer", "eval_tense")
+
+
+# --- bundled sets ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_bundled_set_loads(name: str) -> None:
+    prompts = load_prompts(name)
+    assert prompts == load_prompts(f"bundled:{name}") == load_prompts(bundled_path(name))
+    assert all(isinstance(p, Prompt) and p.instruction == p.instruction.strip() != "" for p in prompts)
+    assert all(isinstance(p.extra.get("source"), str) for p in prompts)
+    if name in EXPECTED_COUNTS:
+        assert len(prompts) == EXPECTED_COUNTS[name]
+    elif name in HARMFUL_EVAL:
+        assert 50 <= len(prompts) <= 100
+    else:
+        assert 1 <= len(prompts) <= 100
+
+
+def test_bundled_files_are_exactly_the_listed_sets() -> None:
+    folder = bundled_path(BUNDLED[0]).parent
+    assert sorted(p.stem for p in folder.glob("*.jsonl")) == sorted(BUNDLED)
+    assert (folder / "ATTRIBUTION.md").is_file()
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 600_000
+
+
+def test_mmlu_items_are_well_formed() -> None:
+    prompts = load_prompts("eval_mmlu")
+    subjects = {p.extra["subject"] for p in prompts}
+    assert len(subjects) == 57
+    for p in prompts:
+        ex = p.extra
+        assert ex["answer"] in (0, 1, 2, 3) and type(ex["answer"]) is int
+        assert isinstance(ex["choices"], list) and len(ex["choices"]) == 4
+        assert all(isinstance(c, str) for c in ex["choices"])
+        assert ex["question"].strip() == p.instruction and p.category == ex["subject"]
+    assert sorted(sum(p.extra["subject"] == s for p in prompts) for s in subjects) == [5] * 57
+
+
+def test_edgy_and_donotanswer_keep_categories() -> None:
+    assert {p.category for p in load_prompts("eval_edgy_benign")} >= {"medical", "security"}
+    assert len({p.category for p in load_prompts("eval_donotanswer")}) == 5
+
+
+def _norm_sets() -> dict[str, set[str]]:
+    return {name: {normalize_instruction(p.instruction) for p in load_prompts(name)} for name in BUNDLED}
+
+
+def test_no_duplicates_within_a_bundled_set() -> None:
+    for name in BUNDLED:
+        prompts = load_prompts(name)
+        assert len({normalize_instruction(p.instruction) for p in prompts}) == len(prompts), name
+
+
+def test_training_direction_and_eval_splits_are_pairwise_disjoint() -> None:
+    sets = _norm_sets()
+    for a, b in itertools.combinations(BUNDLED, 2):
+        shared = sets[a] & sets[b]
+        assert not shared, f"{a} and {b} share {sorted(shared)[:3]}"
+
+
+def test_disjointness_check_would_catch_a_shared_prompt() -> None:
+    sets = _norm_sets()
+    leaked = next(iter(sets["train_harmful"]))
+    sets["eval_advbench"].add(normalize_instruction(leaked.upper() + " ."))
+    assert sets["train_harmful"] & sets["eval_advbench"]
+
+
+def test_normalize_instruction() -> None:
+    assert normalize_instruction("  How  do I\tbake BREAD?! ") == "how do i bake bread"
+    assert normalize_instruction("Write a poem.") == normalize_instruction("write a  poem")
+
+
+def test_unknown_bundled_name_lists_valid_names() -> None:
+    with pytest.raises(DataError) as info:
+        bundled_path("eval_nope")
+    assert "eval_nope" in str(info.value) and "eval_advbench" in str(info.value)
+    with pytest.raises(DataError):
+        load_prompts("bundled:eval_nope")
+
+
+# --- formats ----------------------------------------------------------------------------------------
+
+
+def test_json_list_of_objects(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "p.json"
+    rows = [
+        {"instruction": " Say hi ", "category": "greet", "id": 1},
+        {"prompt": "Count to 3", "text": "ignored"},
+        {"text": "Name a colour", "category": None},
+    ]
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    assert load_prompts(path) == [
+        Prompt("Say hi", "greet", {"id": 1}),
+        Prompt("Count to 3", None, {"text": "ignored"}),
+        Prompt("Name a colour"),
+    ]
+    assert load_prompts(str(path), limit=2) == load_prompts(path)[:2]
+    assert load_prompts(path, limit=0) == []
+
+
+def test_json_list_of_strings(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(["a", " b\n"]), encoding="utf-8")
+    assert load_prompts(path) == [Prompt("a"), Prompt("b")]
+
+
+def test_jsonl_with_prompt_field(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "one", "category": "c1"}\n\n{"prompt": "two"}\r\n', encoding="utf-8")
+    assert load_prompts(path) == [Prompt("one", "c1"), Prompt("two")]
+
+
+def test_csv_with_text_column(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text('id,Text,category\n1,"Hello, world",greeting\n2,"multi\nline",\n,,\n', encoding="utf-8")
+    assert load_prompts(path) == [
+        Prompt("Hello, world", "greeting", {"id": "1"}),
+        Prompt("multi\nline", None, {"id": "2"}),
+    ]
+
+
+def test_txt_one_prompt_per_line(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"\xef\xbb\xbffirst\r\n\n   \n  second  \nthird")
+    assert [p.instruction for p in load_prompts(path)] == ["first", "second", "third"]
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def _error(path: pathlib.Path, **kwargs) -> str:
+    with pytest.raises(DataError) as info:
+        load_prompts(path, **kwargs)
+    message = str(info.value)
+    assert str(path) in message, message
+    assert len(message.splitlines()) == 1 and "\n" not in message, message
+    return message
+
+
+BAD_FILES = [
+    # (file name, content, expected fragment of the message)
+    ("bad.json", b'[{"instruction": "x"},\n  {"instruction": }]', "line 2, column"),
+    ("bad.jsonl", b'{"prompt": "ok"}\n\n{"prompt": "broken"\n', "line 3"),
+    ("missing.jsonl", b'{"prompt": "ok"}\n{"question": "q", "id": 7}\n', "'question', 'id'"),
+    ("missing.json", b'[{"prompt": "ok"}, {"title": "t"}]', "record 1"),
+    ("nonstr.json", b'[{"prompt": 3}]', "non-empty string"),
+    ("blankfield.jsonl", b'{"text": "   "}\n', "empty"),
+    ("scalar.json", b'{"prompt": "x"}', "expected a JSON list"),
+    ("nocol.csv", b"id,question\n1,q\n", "'id', 'question'"),
+    ("empty.txt", b"", "no prompts"),
+    ("blank.txt", b"\n  \n\t\n", "no prompts"),
+    ("empty.json", b"[]", "no prompts"),
+    ("latin1.txt", b"ok\ncaf\xe9\n", "byte offset 6"),
+    ("prompts.yaml", b"- a\n", ".jsonl"),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "fragment"), BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_files_raise_one_line_data_error(
+    tmp_path: pathlib.Path, name: str, content: bytes, fragment: str
+):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert fragment in _error(path)
+
+
+def test_missing_file_and_directory(tmp_path: pathlib.Path) -> None:
+    assert "no such file" in _error(tmp_path / "nope.jsonl")
+    assert "directory" in _error(tmp_path)
+
+
+def test_oversized_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "big.txt"
+    path.write_text("a prompt\n" * 20, encoding="utf-8")
+    assert "limit of 100 bytes" in _error(path, max_bytes=100)
+    assert len(load_prompts(path, max_bytes=1000)) == 20
+
+
+def test_error_message_stays_one_line_for_odd_names(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "odd\nname.jsonl"
+    with pytest.raises(DataError) as info:
+        load_prompts(path)
+    assert len(str(info.value).splitlines()) == 1 and "odd\\nname.jsonl" in str(info.value)
+    path.write_text('{"a\\nb": 1}\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        load_prompts(path)
+    assert len(str(info.value).splitlines()) == 1 and "line 1" in str(info.value)
+
+
+def test_data_error_is_a_value_error() -> None:
+    assert issubclass(DataError, ValueError)
+    assert str(DataError("x\ny\r\nz")) == "x\\ny\\r\\nz"
+
+
+# --- properties --------------------------------------------------------------------------------------
+
+# Instructions are stripped of surrounding whitespace, so generate stripped, non-empty, newline-free text.
+_TEXT = (
+    st.text(
+        # a leading U+FEFF would be read as a byte-order mark, which the loader skips
+        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r\ufeff"),
+        min_size=1,
+        max_size=40,
+    )
+    .map(str.strip)
+    .filter(bool)
+)
+_FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@_FAST
+@given(texts=st.lists(_TEXT, min_size=1, max_size=8), fmt=st.sampled_from([".txt", ".jsonl", ".json"]))
+def test_round_trip(tmp_path: pathlib.Path, texts: list[str], fmt: str) -> None:
+    path = tmp_path / f"p{fmt}"
+    if fmt == ".txt":
+        body = "\n".join(texts) + "\n"
+    elif fmt == ".jsonl":
+        body = "".join(json.dumps({"instruction": t}, ensure_ascii=False) + "\n" for t in texts)
+    else:
+        body = json.dumps(texts)
+    path.write_bytes(body.encode("utf-8"))
+    assert [p.instruction for p in load_prompts(path)] == texts
+
+
+@_FAST
+@given(data=st.binary(max_size=200), fmt=st.sampled_from([".txt", ".jsonl", ".json", ".csv"]))
+def test_arbitrary_bytes_give_prompts_or_data_error(tmp_path: pathlib.Path, data: bytes, fmt: str) -> None:
+    path = tmp_path / f"p{fmt}"
+    path.write_bytes(data)
+    try:
+        prompts = load_prompts(path)
+    except DataError as e:
+        assert len(str(e).splitlines()) == 1
+    else:
+        assert prompts and all(isinstance(p, Prompt) and p.instruction for p in prompts)

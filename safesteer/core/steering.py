@@ -65,43 +65,58 @@ class SteeringVector:
         return {k: json.dumps(v) for k, v in d.items()}
 
 
-def save_vector(sv: SteeringVector, path: str | Path) -> None:
-    """Write the vector as safetensors with its metadata (atomically)."""
+def _parse_vector(blob: bytes, where: str) -> SteeringVector:
+    """A SteeringVector from safetensors bytes; anything else (a pickle, say) is refused unread."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        n = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + n])
+        meta = header.get("__metadata__") or {}
+        vec = load(blob)["vector"]
+    except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise SafeSteerError(
+            f"{where}: not a SafeSteer safetensors vector ({' '.join(str(e).split())[:200]})"
+        ) from e
+    try:
+        sv = SteeringVector(vector=vec.float(), **{k: json.loads(v) for k, v in meta.items()})
+    except (TypeError, ValueError) as e:
+        raise SafeSteerError(f"{where}: bad steering-vector metadata ({e})") from e
+    if vec.dim() != 1:
+        raise SafeSteerError(f"{where}: steering vector must be 1-D, got shape {tuple(vec.shape)}")
+    return sv
+
+
+def vector_bytes(sv: SteeringVector) -> bytes:
+    """The safetensors serialisation of ``sv`` (vector + metadata)."""
     from safetensors.torch import save
 
+    return save({"vector": sv.vector.detach().float().contiguous().cpu()}, metadata=sv.meta())
+
+
+def load_vector_bytes(blob: bytes) -> SteeringVector:
+    return _parse_vector(blob, "steering vector")
+
+
+def save_vector(sv: SteeringVector, path: str | Path) -> None:
+    """Write the vector as safetensors with its metadata (atomically)."""
     from safesteer.paths import atomic_write_bytes
 
-    data = save({"vector": sv.vector.detach().float().contiguous().cpu()}, metadata=sv.meta())
-    atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(Path(path), vector_bytes(sv))
 
 
 def load_vector(
     path: str | Path, hidden_size: int | None = None, num_layers: int | None = None
 ) -> SteeringVector:
-    """Read a vector written by :func:`save_vector`; refuses anything that is not safetensors."""
-    from safetensors import SafetensorError, safe_open
-
+    """Read a vector written by :func:`save_vector` and check it fits the model; never unpickles."""
     path = Path(path)
     if not path.is_file():
         raise SafeSteerError(f"{path}: steering vector file not found")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            vec = f.get_tensor("vector")
-    except (SafetensorError, OSError, ValueError, KeyError) as e:
+    sv = _parse_vector(path.read_bytes(), str(path))
+    if hidden_size is not None and sv.vector.numel() != hidden_size:
         raise SafeSteerError(
-            f"{path}: not a SafeSteer safetensors vector ({' '.join(str(e).split())})"
-        ) from e
-    try:
-        fields = {k: json.loads(v) for k, v in meta.items()}
-        sv = SteeringVector(vector=vec.float(), **fields)
-    except (TypeError, ValueError) as e:
-        raise SafeSteerError(f"{path}: bad steering-vector metadata ({e})") from e
-    if vec.dim() != 1:
-        raise SafeSteerError(f"{path}: steering vector must be 1-D, got shape {tuple(vec.shape)}")
-    if hidden_size is not None and vec.numel() != hidden_size:
-        raise SafeSteerError(
-            f"{path}: steering vector has width {vec.numel()} but the model's hidden size is {hidden_size}"
+            f"{path}: steering vector has width {sv.vector.numel()} but the model's hidden size is {hidden_size}"
         )
     if num_layers is not None and not 0 <= sv.layer < num_layers:
         raise SafeSteerError(
@@ -237,7 +252,9 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 def _encode(tok, texts: Sequence[str], device) -> dict:
     tok.padding_side = "left"
     enc = tok(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
-    return {k: v.to(device) for k, v in enc.items()}
+    enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    return enc
 
 
 @torch.no_grad()
@@ -365,12 +382,17 @@ def allowed_layers(num_layers: int, prune_fraction: float = 0.2) -> list[int]:
     return list(range(int(num_layers * (1 - prune_fraction))))
 
 
-def reference_filter(scores: Sequence[CandidateScore], max_kl: float = 0.1) -> list[CandidateScore]:
-    """Drop KL > ``max_kl`` and steering score < 0; sort by ablated refusal score, lowest first."""
+def reference_filter(
+    scores: Sequence[CandidateScore], max_kl: float | None = 0.1, min_steering_score: float | None = 0.0
+) -> list[CandidateScore]:
+    """Drop ablation KL > ``max_kl`` and steering score < ``min_steering_score`` (reference: 0.1 and 0;
+    None disables a filter); sort by ablated refusal score, lowest first."""
     kept = [
         s
         for s in scores
-        if s.ablation_kl <= max_kl and s.steering_score >= 0 and math.isfinite(s.ablation_refusal)
+        if (max_kl is None or s.ablation_kl <= max_kl)
+        and (min_steering_score is None or s.steering_score >= min_steering_score)
+        and math.isfinite(s.ablation_refusal)
     ]
     return sorted(kept, key=lambda s: s.ablation_refusal)
 
@@ -402,6 +424,7 @@ def generate(
     out: list[list[int]] = []
     for chunk in _batches(texts, batch_size):
         enc = _encode(tok, chunk, model.device)
+        enc.pop("position_ids")  # generate derives them from the attention mask
         kw = (
             dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             if do_sample
@@ -441,9 +464,9 @@ class SteeringTrial:
     degenerate: float
     norm: float
 
-    @property
-    def objective(self) -> float:
-        return self.harmful_refusal - self.benign_refusal
+    def objective(self, benign_weight: float = 1.0) -> float:
+        """Harmful refusal minus ``benign_weight`` x benign refusal."""
+        return self.harmful_refusal - benign_weight * self.benign_refusal
 
 
 def coeff_search(
@@ -474,8 +497,10 @@ def coeff_search(
     return trials
 
 
-def best_trial(trials: Sequence[SteeringTrial], max_degenerate: float = 0.05) -> SteeringTrial:
-    """The trial with the highest harmful-minus-benign refusal among coherent ones.
+def best_trial(
+    trials: Sequence[SteeringTrial], max_degenerate: float = 0.05, benign_weight: float = 1.0
+) -> SteeringTrial:
+    """The trial with the highest harmful-minus-weighted-benign refusal among coherent ones.
 
     Ties go to fewer degenerate answers, then to the smaller coefficient. Raises when every trial
     degrades the text: a teacher that produces garbage must never be chosen.
@@ -487,4 +512,4 @@ def best_trial(trials: Sequence[SteeringTrial], max_degenerate: float = 0.05) ->
             f"every steering candidate makes the model degenerate (best {worst.degenerate:.0%} > "
             f"steering.max_degenerate={max_degenerate:.0%}); try smaller steering.coeffs or other layers"
         )
-    return max(ok, key=lambda t: (round(t.objective, 6), -t.degenerate, -t.coeff))
+    return max(ok, key=lambda t: (round(t.objective(benign_weight), 6), -t.degenerate, -t.coeff))

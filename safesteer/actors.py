@@ -1,0 +1,132 @@
+"""Ray plumbing: the cluster connection, one placement group for all roles, and actor handles.
+
+Roles (rollout workers, teachers, learner ranks) each get a bundle of the placement group with the
+resources named in their config group (``num_cpus``, ``num_gpus``, custom ``resources``). Placement
+waits at most ``cluster.placement_timeout_s`` and then names what is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from safesteer.errors import SafeSteerError
+
+
+def configure_threads(n: int) -> None:
+    """Pin torch/OpenMP threads inside an actor (Ray sets 1 for fractional CPU requests)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ["MKL_NUM_THREADS"] = str(n)
+    torch.set_num_threads(max(1, int(n)))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Role:
+    name: str
+    count: int
+    num_cpus: float
+    num_gpus: float
+    resources: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+
+    def bundle(self) -> dict:
+        b = {"CPU": self.num_cpus, **{k: float(v) for k, v in self.resources.items()}}
+        if self.num_gpus:
+            b["GPU"] = self.num_gpus
+        return b
+
+
+def connect(cluster_cfg: dict, roles: list[Role], run_env: dict) -> None:
+    """Attach to ``cluster.address`` or start an embedded local Ray sized for ``roles``."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cluster_cfg.get("address")
+    runtime_env = {"env_vars": run_env}
+    if address:
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise SafeSteerError(
+                f"cluster.address={address}: cannot reach a Ray cluster ({' '.join(str(e).split())[:200]})"
+            ) from e
+        return
+    need = sum(r.num_cpus * r.count for r in roles)
+    num_cpus = cluster_cfg.get("num_cpus") or max(1, int(-(-need // 1)))
+    custom: dict[str, float] = {}
+    for r in roles:
+        for k, v in r.resources.items():
+            custom[k] = custom.get(k, 0.0) + float(v) * r.count
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=None,
+        resources=custom or None,
+        include_dashboard=bool(cluster_cfg.get("include_dashboard")),
+        dashboard_host=cluster_cfg.get("dashboard_host", "127.0.0.1"),
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+
+
+def placement(roles: list[Role], strategy: str, timeout_s: float):
+    """One placement group, a bundle per actor; returns ``(pg, {role: [bundle indices]})``."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    bundles, index = [], {}
+    for r in roles:
+        index[r.name] = list(range(len(bundles), len(bundles) + r.count))
+        bundles += [r.bundle() for _ in range(r.count)]
+    pg = placement_group(bundles, strategy=strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        total: dict[str, float] = {}
+        for b in bundles:
+            for k, v in b.items():
+                total[k] = total.get(k, 0.0) + v
+        avail = ray.available_resources()
+        missing = {k: v - avail.get(k, 0.0) for k, v in total.items() if avail.get(k, 0.0) < v}
+        ray.util.remove_placement_group(pg)
+        want = ", ".join(f"{r.name} x{r.count} {r.bundle()}" for r in roles)
+        raise SafeSteerError(
+            f"the cluster cannot place the actors within {timeout_s:.0f}s: missing {missing or total} "
+            f"(asked for {want}; available {dict(sorted(avail.items()))})"
+        )
+    return pg, index
+
+
+def spawn(cls, pg, bundle_index: int, role: Role, *args, **kwargs):
+    """Create actor ``cls`` in bundle ``bundle_index`` of ``pg``."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    env = {
+        "OMP_NUM_THREADS": str(role.env.get("threads", 1)),
+        **{k: str(v) for k, v in role.env.items() if k != "threads"},
+    }
+    return (
+        ray.remote(cls)
+        .options(
+            num_cpus=role.num_cpus,
+            num_gpus=role.num_gpus,
+            resources=role.resources or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=bundle_index
+            ),
+            runtime_env={"env_vars": env},
+            max_concurrency=1,
+        )
+        .remote(*args, **kwargs)
+    )

@@ -1,0 +1,146 @@
+"""Hydra entry points and config validation: bad values fail at start with one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from safesteer.errors import SafeSteerError, one_line
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+STAGES = ("prepare", "distill", "evaluate", "export")
+
+
+def _check(cond: bool, key: str, value, why: str) -> None:
+    if not cond:
+        raise SafeSteerError(f"{key}={value}: {why}")
+
+
+def validate(cfg) -> None:
+    """Check the resolved config; raise SafeSteerError naming the first bad value."""
+    from safesteer.core.loss import MODES
+    from safesteer.core.steering import METHODS, TEACHER_KINDS
+    from safesteer.core.tokens import TOKEN_METHODS
+
+    stages = list(cfg.stages)
+    _check(
+        all(s in STAGES for s in stages), "stages", stages, f"each stage must be one of {', '.join(STAGES)}"
+    )
+    _check(
+        stages == [s for s in STAGES if s in stages],
+        "stages",
+        stages,
+        f"stages run in the order {', '.join(STAGES)}",
+    )
+    _check(
+        cfg.teacher.kind in TEACHER_KINDS,
+        "teacher.kind",
+        cfg.teacher.kind,
+        f"choose one of {', '.join(TEACHER_KINDS)}",
+    )
+    _check(cfg.teacher.num_actors >= 1, "teacher.num_actors", cfg.teacher.num_actors, "must be >= 1")
+    _check(cfg.teacher.chunk_size >= 1, "teacher.chunk_size", cfg.teacher.chunk_size, "must be >= 1")
+    sm = list(cfg.steering.methods)
+    _check(
+        bool(sm) and all(m in METHODS for m in sm),
+        "steering.methods",
+        sm,
+        f"choose from {', '.join(METHODS)}",
+    )
+    _check(
+        len(cfg.steering.coeffs) > 0,
+        "steering.coeffs",
+        list(cfg.steering.coeffs),
+        "needs at least one coefficient",
+    )
+    _check(
+        0 <= cfg.steering.prune_fraction < 1,
+        "steering.prune_fraction",
+        cfg.steering.prune_fraction,
+        "must be in [0, 1)",
+    )
+    _check(
+        cfg.tokens.method in TOKEN_METHODS,
+        "tokens.method",
+        cfg.tokens.method,
+        f"choose one of {', '.join(TOKEN_METHODS)}",
+    )
+    for key in ("k", "horizon", "samples_per_prompt", "n_prompts"):
+        _check(cfg.tokens[key] >= 1, f"tokens.{key}", cfg.tokens[key], "must be >= 1")
+    r = cfg.rollout
+    _check(r.num_workers >= 1, "rollout.num_workers", r.num_workers, "must be >= 1")
+    _check(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", r.samples_per_prompt, "must be >= 1")
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0 (sampling is on-policy)")
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+    _check(
+        r.max_model_len > r.max_new_tokens,
+        "rollout.max_model_len",
+        r.max_model_len,
+        "must exceed rollout.max_new_tokens",
+    )
+    ln = cfg.learner
+    _check(ln.loss in MODES, "learner.loss", ln.loss, f"choose one of {', '.join(MODES)}")
+    _check(
+        not (ln.renormalize and ln.loss == "bucket"),
+        "learner.renormalize",
+        ln.renormalize,
+        "cannot be combined with learner.loss=bucket",
+    )
+    _check(ln.zero_stage in (0, 1, 2, 3), "learner.zero_stage", ln.zero_stage, "must be 0, 1, 2 or 3")
+    _check(ln.world_size >= 1, "learner.world_size", ln.world_size, "must be >= 1")
+    _check(ln.micro_batch_size >= 1, "learner.micro_batch_size", ln.micro_batch_size, "must be >= 1")
+    _check(ln.lr > 0, "learner.lr", ln.lr, "must be > 0")
+    _check(0 <= ln.warmup_ratio < 1, "learner.warmup_ratio", ln.warmup_ratio, "must be in [0, 1)")
+    t = cfg.trainer
+    _check(t.max_staleness in (0, 1), "trainer.max_staleness", t.max_staleness, "must be 0 (on-policy) or 1")
+    _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", t.prompts_per_step, "must be >= 1")
+    _check(t.epochs >= 1, "trainer.epochs", t.epochs, "must be >= 1")
+    seqs = t.prompts_per_step * r.samples_per_prompt
+    _check(
+        seqs % (ln.world_size * ln.micro_batch_size) == 0,
+        "learner.micro_batch_size",
+        ln.micro_batch_size,
+        f"trainer.prompts_per_step x rollout.samples_per_prompt = {seqs} sequences per step must split evenly "
+        f"over learner.world_size={ln.world_size} ranks x micro-batches of {ln.micro_batch_size}",
+    )
+    _check(
+        cfg.cluster.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        "cluster.strategy",
+        cfg.cluster.strategy,
+        "choose PACK, SPREAD, STRICT_PACK or STRICT_SPREAD",
+    )
+    _check(
+        cfg.cluster.placement_timeout_s > 0,
+        "cluster.placement_timeout_s",
+        cfg.cluster.placement_timeout_s,
+        "must be > 0",
+    )
+
+
+def hydra_entry(fn: Callable, config_name: str = "config") -> None:
+    """Run ``fn(cfg)`` under Hydra with validation and one-line errors (tracebacks with debug=true)."""
+    import hydra
+
+    if not CONF_DIR.is_dir():
+        print(
+            f"error: config directory {CONF_DIR} not found (install the project with `pip install -e .`)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
+    def _app(cfg) -> None:
+        debug = bool(cfg.get("debug", False)) or bool(os.environ.get("SAFESTEER_DEBUG"))
+        try:
+            validate(cfg)
+            fn(cfg)
+        except (SafeSteerError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
+            if debug:
+                raise
+            print(f"error: {one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+
+    _app()

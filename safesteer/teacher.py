@@ -1,0 +1,116 @@
+"""Teacher actors: the frozen student copy with the steering hook (or a safety system prompt).
+
+A teacher scores the student's on-policy samples and returns log-probs at the safety ids only,
+completion-aligned (B, C, K): full-vocabulary logits never leave the actor (except for the
+``full``-vocabulary loss ablation, which needs them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+
+from safesteer.actors import configure_threads
+from safesteer.core.batch import collate, completion_slice
+from safesteer.core.scoring import teacher_logprobs
+from safesteer.core.steering import Teacher, load_vector_bytes
+from safesteer.models import load_hf
+
+# What the teacher must return for each loss mode of the learner.
+OUTPUT_FOR_LOSS = {
+    "partial": "ids",
+    "bucket": "ids",
+    "topk": "topk",
+    "full": "full",
+    "k1": "target",
+    "k3": "target",
+}
+
+
+def teacher_prompt_ids(tok, teacher: Teacher, instructions: Sequence[str]) -> list[list[int]]:
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in teacher.prompt_texts(tok, instructions)]
+
+
+@torch.no_grad()
+def score_completions(
+    model,
+    tok,
+    teacher: Teacher,
+    instructions: Sequence[str],
+    completion_ids: Sequence[Sequence[int]],
+    output: str,
+    ids: torch.Tensor | None = None,
+    k: int = 0,
+    chunk_size: int = 64,
+    batch_size: int = 16,
+) -> dict[str, torch.Tensor]:
+    """Teacher log-probs over each completion, completion-aligned: position j predicts completion token j.
+
+    Returns ``{"logprobs": (B,C,K)}`` (plus ``"ids"`` for top-K), C = longest completion.
+    The teacher sees its own prompt (with the system prompt for that kind) followed by the completion.
+    """
+    prompts = teacher_prompt_ids(tok, teacher, instructions)
+    parts: dict[str, list[torch.Tensor]] = {}
+    C = max(len(c) for c in completion_ids)
+    for s in range(0, len(prompts), batch_size):
+        b = collate(prompts[s : s + batch_size], completion_ids[s : s + batch_size], tok.pad_token_id)
+        with teacher.apply(model):
+            out = teacher_logprobs(model, b["input_ids"], b["attention_mask"], output, ids, k, chunk_size)
+        for key, v in out.items():
+            v = completion_slice(v, b["prompt_lens"], b["completion_lens"])
+            pad = [0] * (2 * (v.dim() - 2)) + [0, C - v.shape[1]]
+            parts.setdefault(key, []).append(torch.nn.functional.pad(v, pad))
+    return {key: torch.cat(v) for key, v in parts.items()}
+
+
+class TeacherWorker:
+    """Holds the frozen teacher (wrapped by ``ray.remote`` in :mod:`safesteer.actors`)."""
+
+    def __init__(
+        self,
+        model_path: str,
+        cfg: dict,
+        kind: str,
+        vector_blob: bytes | None,
+        system_prompt: str | None,
+        safety_ids: list[int] | None,
+        output: str,
+        topk: int,
+        dtype: str,
+        trust_remote_code: bool = False,
+    ):
+        configure_threads(cfg["threads"])
+        self.model, self.tok = load_hf(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        if torch.cuda.is_available():
+            self.model.cuda()
+        kw = {"system_prompt": system_prompt} if system_prompt else {}
+        vec = load_vector_bytes(vector_blob) if vector_blob is not None else None
+        self.teacher = Teacher(kind=kind, vector=vec, **kw)
+        self.ids = torch.tensor(safety_ids, device=self.model.device) if safety_ids else None
+        self.output, self.topk, self.cfg = output, topk, cfg
+
+    def score(self, instructions: Sequence[str], completion_ids: Sequence[Sequence[int]]) -> dict:
+        t = time.perf_counter()
+        out = score_completions(
+            self.model,
+            self.tok,
+            self.teacher,
+            instructions,
+            completion_ids,
+            self.output,
+            self.ids,
+            self.topk,
+            self.cfg["chunk_size"],
+            self.cfg["batch_size"],
+        )
+        out = {k: v.cpu() for k, v in out.items()}
+        if "logprobs" in out and out["logprobs"].dim() == 3 and self.output == "full":
+            out["logprobs"] = out["logprobs"].to(torch.bfloat16)  # the ablation's (B,C,V) payload, halved
+        tokens = sum(len(c) for c in completion_ids)
+        return {"teacher": out, "seconds": time.perf_counter() - t, "tokens": tokens}
+
+    def pid(self) -> int:
+        return os.getpid()

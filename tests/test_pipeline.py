@@ -1,0 +1,164 @@
+"""The distributed pipeline for real: Ray actors, vLLM CPU engines and DeepSpeed ranks (gloo), on the
+``smoke`` preset's tiny random model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(run_dir: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "safesteer.run", "+experiment=smoke", f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_end_to_end_two_ranks_two_rollout_workers(tmp_path, zero_stage):
+    run_dir = tmp_path / "run"
+    p = run_cli(run_dir, f"learner.zero_stage={zero_stage}", "rollout.num_workers=2", "learner.world_size=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["policy_lag"] == 0 for r in rows)
+    for name in ("config.yaml", "vector.safetensors", "safety_tokens.json", "metrics.json", "report.md",
+                 "export/model/model.safetensors", "export/model/config.json", "export/model/tokenizer.json",
+                 "export/vector.safetensors", "export/safety_tokens.json"):
+        assert (run_dir / name).is_file(), name
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model")
+    base = AutoModelForCausalLM.from_pretrained(json.loads((run_dir / "metrics.json").read_text())["prepare"]["model"])
+    changed = [n for (n, p1), (_, p0) in zip(model.named_parameters(), base.named_parameters()) if not torch.equal(p1, p0)]
+    assert changed, "training did not change any weight"
+
+
+def test_max_staleness_one_overlaps_with_bounded_lag(tmp_path):
+    run_dir = tmp_path / "run"
+    p = run_cli(run_dir, "trainer.max_staleness=1", "trainer.max_steps=3", "data.train_limit=12", "eval.enabled=false")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # same number of updates
+    lags = [r["policy_lag"] for r in rows]
+    assert max(lags) <= 1 and lags[0] == 0 and 1 in lags, lags
+
+
+# ---------------------------------------------------------------------- in-process worker groups
+@pytest.fixture(scope="module")
+def group(tmp_path_factory):
+    """Prepared artifacts + live worker groups on the smoke preset (2 learner ranks, 2 rollout workers)."""
+    import ray
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoTokenizer
+
+    from safesteer.actors import connect
+    from safesteer.config import CONF_DIR, validate
+    from safesteer.core.tokens import SafetyTokens
+    from safesteer.driver import Workers, roles
+    from safesteer.models import resolve_model_path
+    from safesteer.steer import prepare
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=["+experiment=smoke", "rollout.num_workers=2", "learner.lr=1e-3",
+                                           "trainer.max_steps=4"])
+    validate(cfg)
+    out = tmp_path_factory.mktemp("prep")
+    model_path = resolve_model_path(cfg.model.path)
+    prepared = prepare(cfg, out, model_path)
+    st = SafetyTokens.load(prepared.tokens_path)
+    connect(dict(cfg.cluster), roles(cfg), {})
+    w = Workers(cfg, model_path, prepared.vector_path.read_bytes(), st.ids, 8, "cpu")
+    w.wait_ready()
+    tok = AutoTokenizer.from_pretrained(model_path)
+    yield {"cfg": cfg, "workers": w, "tok": tok, "model_path": model_path, "prepared": prepared, "ids": st.ids}
+    w.shutdown()
+    ray.shutdown()
+
+
+def _fixed_batch(g, n_prompts=4):
+    from safesteer.core.batch import collate, to_sequence_positions
+    from safesteer.core.steering import chat_texts
+    from safesteer.data import load_prompts
+
+    tok, w = g["tok"], g["workers"]
+    ins = [p.instruction for p in load_prompts("train_harmful", limit=n_prompts)]
+    pids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, ins)]
+    ro = w.collect(w.generate(pids), len(pids))
+    k = g["cfg"].rollout.samples_per_prompt
+    comps = [s["completion_ids"] for samples in ro["samples"] for s in samples]
+    ins_rep = [i for i in ins for _ in range(k)]
+    sc = w.score(ins_rep, comps)
+    batch = collate([p for p in pids for _ in range(k)], comps, tok.pad_token_id)
+    L = batch["input_ids"].shape[1]
+    batch["teacher_logprobs"] = to_sequence_positions(sc["teacher"]["logprobs"], batch["prompt_lens"], batch["completion_lens"], L)
+    return ins_rep, comps, sc, batch
+
+
+def test_teacher_actor_matches_direct_computation(group):
+    from safesteer.core.steering import Teacher, load_vector
+    from safesteer.models import load_hf
+    from safesteer.teacher import score_completions
+
+    ins, comps, sc, _ = _fixed_batch(group)
+    lp = sc["teacher"]["logprobs"]
+    K = len(group["ids"])
+    assert lp.shape == (len(comps), max(len(c) for c in comps), K)
+    model, tok = load_hf(group["model_path"])
+    teacher = Teacher(kind="vector", vector=load_vector(group["prepared"].vector_path))
+    direct = score_completions(model, tok, teacher, ins, comps, "ids", torch.tensor(group["ids"]))["logprobs"]
+    torch.testing.assert_close(lp, direct, atol=1e-4, rtol=1e-4)
+    # and the steering hook is really applied: the unsteered scores differ
+    plain = score_completions(model, tok, Teacher(kind="system_prompt", system_prompt="x"), ins, comps, "ids",
+                              torch.tensor(group["ids"]))["logprobs"]
+    assert not torch.allclose(lp, plain, atol=1e-4)
+
+
+def test_rollout_weights_equal_learner_weights_after_a_step(group):
+    import ray
+
+    from safesteer.models import load_hf
+
+    w = group["workers"]
+    _, _, _, batch = _fixed_batch(group)
+    w.train_step(batch)
+    sync = w.sync(version=1)
+    blob = w.export(group["cfg"].model.dtype)
+    digest = hashlib.sha256(blob).hexdigest()
+    infos = ray.get([r.info.remote() for r in w.rollout])
+    assert [i["weights_sha256"] for i in infos] == [digest] * len(w.rollout) == sync["sha256"]
+    assert all(i["version"] == 1 for i in infos)
+    # functional check: the engine's sampled-token log-probs equal an HF forward of the learners' weights
+    from safetensors.torch import load
+
+    model, tok = load_hf(group["model_path"])
+    sd = load(blob)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    prompt = tok("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    res = ray.get(w.rollout[0].generate.remote([prompt], 1, 1.0, 1.0, 6))
+    s = res["samples"][0]
+    ids = torch.tensor([prompt + s["completion_ids"]])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), -1)
+    hf = lp.gather(-1, torch.tensor(s["completion_ids"]).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(torch.tensor(s["logprobs"]), hf, atol=2e-3, rtol=0)
+
+
+def test_loss_decreases_on_a_fixed_batch(group):
+    w = group["workers"]
+    _, _, _, batch = _fixed_batch(group)
+    losses = [w.train_step(batch)["loss"] for _ in range(4)]
+    assert losses[-1] < losses[0], losses

@@ -53,25 +53,23 @@ def judge_sets(texts: dict[str, list[str]]) -> dict[str, dict]:
     return {name: judge.rates(ts) for name, ts in texts.items()}
 
 
-def mmlu_prompt(tok, item) -> str:
+def mmlu_prompt(item) -> str:
+    """The standard zero-shot MMLU format (plain text, as in lm-eval): question, options, ``Answer:``."""
     ex = item.extra
-    body = item.instruction + "\n" + "\n".join(f"{letter}. {c}" for letter, c in zip(LETTERS, ex["choices"]))
-    return chat_texts(tok, [body + "\nAnswer with the letter of the correct option (A, B, C or D)."])[0]
+    options = "\n".join(f"{letter}. {c}" for letter, c in zip(LETTERS, ex["choices"]))
+    return f"{item.instruction.strip()}\n{options}\nAnswer:"
 
 
 @torch.no_grad()
 def mmlu_accuracy(model, tok, items: Sequence, batch_size: int = 16) -> float:
-    """Zero-shot accuracy: argmax over the next-token log-likelihood of the letters A-D."""
-    letter_ids = [tok(letter, add_special_tokens=False)["input_ids"][0] for letter in LETTERS]
+    """Zero-shot accuracy: argmax over the next-token log-likelihood of " A" .. " D"."""
+    letter_ids = [tok(" " + letter, add_special_tokens=False)["input_ids"][-1] for letter in LETTERS]
     correct = 0
     tok.padding_side = "left"
     for s in range(0, len(items), batch_size):
         chunk = items[s : s + batch_size]
         enc = tok(
-            [mmlu_prompt(tok, it) for it in chunk],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
+            [mmlu_prompt(it) for it in chunk], return_tensors="pt", padding=True, add_special_tokens=False
         )
         enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         pos = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)

@@ -1,30 +1,47 @@
-"""The run report: report.md (and report.html) from metrics.json."""
+"""The run report: ``report.md``, a self-contained ``report.html`` (figures inlined) and the figures.
+
+Built from ``metrics.json`` (written by the run) and the safety-token set. The safety-versus-capability
+scatter collects every sibling run directory that has a ``metrics.json``.
+"""
 
 from __future__ import annotations
 
+import base64
+import html
+import json
 from pathlib import Path
 
-from safesteer.paths import atomic_write_text
+from safesteer.paths import atomic_write_bytes, atomic_write_text
 
 
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.0f}%"
 
 
+def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
+    """(set, metric, before, after) rows of the headline table."""
+    b, a = results.get("before"), results.get("after")
+    if not (b and a):
+        return []
+    rows = []
+    for name in b["sets"]:
+        for m in ("refusal", "preamble", "degenerate"):
+            rows.append((name, m, _pct(b["sets"][name][m]), _pct(a["sets"][name][m])))
+    rows.append(
+        ("all harmful sets", "mean refusal", _pct(b["harmful_refusal_mean"]), _pct(a["harmful_refusal_mean"]))
+    )
+    rows.append(("MMLU subset", "accuracy", _pct(b["mmlu"]), _pct(a["mmlu"])))
+    rows.append(("ordinary answers", "KL(original ‖ trained) per token", "0", f"{a['kl_per_token']:.4f}"))
+    rows.append(("ordinary answers", "perplexity", f"{a['ppl_original']:.2f}", f"{a['ppl_trained']:.2f}"))
+    return rows
+
+
 def markdown(results: dict, tokens) -> str:
     lines = ["# SafeSteer run report", ""]
-    b, a = results.get("before"), results.get("after")
-    if b and a:
+    rows = table_rows(results)
+    if rows:
         lines += ["| set | metric | before | after |", "|---|---|---|---|"]
-        for name in b["sets"]:
-            for m in ("refusal", "preamble", "degenerate"):
-                lines.append(f"| {name} | {m} | {_pct(b['sets'][name][m])} | {_pct(a['sets'][name][m])} |")
-        lines.append(
-            f"| all harmful | mean refusal | {_pct(b['harmful_refusal_mean'])} | {_pct(a['harmful_refusal_mean'])} |"
-        )
-        lines.append(f"| MMLU subset | accuracy | {_pct(b['mmlu'])} | {_pct(a['mmlu'])} |")
-        lines.append(f"| benign answers | KL(orig‖trained)/token | 0 | {a['kl_per_token']:.4f} |")
-        lines.append(f"| benign answers | perplexity | {a['ppl_original']:.2f} | {a['ppl_trained']:.2f} |")
+        lines += [f"| {s} | {m} | {b} | {a} |" for s, m, b, a in rows]
         lines.append("")
     hist = results.get("history") or []
     if hist:
@@ -43,11 +60,126 @@ def markdown(results: dict, tokens) -> str:
     ex = results.get("examples") or {}
     if ex:
         lines += ["## Examples (before → after)", ""]
-        for name, rows in ex.items():
-            for prompt, before, after in rows[:2]:
+        for name, rows_ in ex.items():
+            for prompt, before, after in rows_[:2]:
                 lines += [f"**{name}**: {prompt}", "", f"- before: {before!r}", f"- after: {after!r}", ""]
     return "\n".join(lines) + "\n"
 
 
+def sibling_runs(run_dir: Path) -> list[dict]:
+    """(name, harmful refusal after, MMLU after) of every run next to this one with an evaluation."""
+    out = []
+    for p in sorted(Path(run_dir).parent.glob("*/metrics.json")):
+        try:
+            a = json.loads(p.read_text()).get("after")
+        except (OSError, ValueError):
+            continue
+        if a:
+            out.append(
+                {
+                    "run": p.parent.name,
+                    "harmful_refusal": a["harmful_refusal_mean"],
+                    "mmlu": a["mmlu"],
+                    "kl": a.get("kl_per_token", 0.0),
+                }
+            )
+    return out
+
+
+def figures(run_dir: Path, results: dict) -> dict[str, Path]:
+    """PNG figures in ``run_dir/figures``: set bars, training curves, safety-vs-capability scatter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig_dir = Path(run_dir) / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    made = {}
+
+    def save(fig, name):
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(fig_dir / name, buf.getvalue())
+        made[name] = fig_dir / name
+
+    b, a = results.get("before"), results.get("after")
+    if b and a:
+        names = list(b["sets"])
+        x = range(len(names))
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        ax.bar([i - 0.2 for i in x], [b["sets"][n]["refusal"] for n in names], 0.4, label="before")
+        ax.bar([i + 0.2 for i in x], [a["sets"][n]["refusal"] for n in names], 0.4, label="after")
+        ax.set_xticks(list(x), [n.replace("eval_", "") for n in names], rotation=20)
+        ax.set_ylabel("refusal rate")
+        ax.set_ylim(0, 1)
+        ax.legend()
+        save(fig, "refusal_by_set.png")
+    hist = results.get("history") or []
+    if hist:
+        fig, ax = plt.subplots(1, 2, figsize=(8, 3))
+        steps = [r["step"] for r in hist]
+        ax[0].plot(steps, [r["loss"] for r in hist], marker="o")
+        ax[0].set_title("loss")
+        ax[1].plot(steps, [r["safety_mass"] for r in hist], marker="o", color="C2")
+        ax[1].set_title("student mass on safety tokens")
+        for axis in ax:
+            axis.set_xlabel("step")
+        save(fig, "training.png")
+    runs = sibling_runs(run_dir)
+    if runs:
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        ax.scatter([r["mmlu"] for r in runs], [r["harmful_refusal"] for r in runs])
+        for r in runs:
+            ax.annotate(r["run"], (r["mmlu"], r["harmful_refusal"]), fontsize=7)
+        ax.set_xlabel("MMLU subset accuracy (after)")
+        ax.set_ylabel("harmful refusal (after)")
+        save(fig, "safety_vs_capability.png")
+    return made
+
+
+def html_page(results: dict, tokens, figs: dict[str, Path]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(s)}</td><td>{html.escape(m)}</td><td>{b}</td><td>{a}</td></tr>"
+        for s, m, b, a in table_rows(results)
+    )
+    imgs = "".join(
+        f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{html.escape(n)}</figcaption></figure>"
+        for n, p in figs.items()
+    )
+    tok_rows = "".join(
+        f"<tr><td>{i + 1}</td><td><code>{html.escape(repr(s))}</code></td><td>{sc:.4g}</td><td>{pb:.4f}</td>"
+        f"<td>{ps:.4f}</td></tr>"
+        for i, (s, sc, pb, ps) in enumerate(
+            zip(tokens.strings, tokens.scores, tokens.p_base, tokens.p_steered)
+        )
+    )
+    ex = "".join(
+        f"<tr><td>{html.escape(n)}</td><td>{html.escape(p)}</td><td>{html.escape(b)}</td><td>{html.escape(a)}</td></tr>"
+        for n, rows_ in (results.get("examples") or {}).items()
+        for p, b, a in rows_
+    )
+    style = (
+        "body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "table{border-collapse:collapse;margin:1em 0}img{max-width:100%}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>SafeSteer report</title><style>{style}</style></head>"
+        f"<body><h1>SafeSteer run report</h1><table><tr><th>set</th><th>metric</th><th>before</th><th>after</th></tr>"
+        f"{rows}</table>{imgs}<h2>Safety tokens ({html.escape(tokens.method)}; student mass "
+        f"{tokens.student_mass:.3f})</h2><table><tr><th>#</th><th>token</th><th>score</th><th>p base</th>"
+        f"<th>p steered</th></tr>{tok_rows}</table><h2>Examples</h2><table><tr><th>set</th><th>prompt</th>"
+        f"<th>before</th><th>after</th></tr>{ex}</table></body></html>\n"
+    )
+
+
 def write_report(run_dir: Path, results: dict, tokens) -> None:
-    atomic_write_text(Path(run_dir) / "report.md", markdown(results, tokens))
+    """Write report.md, figures/*.png and the self-contained report.html."""
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / "report.md", markdown(results, tokens))
+    figs = figures(run_dir, results)
+    atomic_write_text(run_dir / "report.html", html_page(results, tokens, figs))

@@ -86,6 +86,9 @@ def _main(cfg) -> None:
     model_path = resolve_model_path(cfg.model.path)
     log.info("model: %s | run dir: %s", model_path, run_dir)
 
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    instructions, prompt_ids, skipped = training_prompts(cfg, tok)  # bad data fails here, before any work
+    steps = schedule(len(instructions), cfg)
     stages = list(cfg.stages)
     if "prepare" in stages:
         prepared = prepare(cfg, run_dir, model_path)
@@ -102,9 +105,6 @@ def _main(cfg) -> None:
     if "distill" not in stages:
         return
 
-    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    instructions, prompt_ids, skipped = training_prompts(cfg, tok)
-    steps = schedule(len(instructions), cfg)
     connect(dict(cfg.cluster), roles(cfg), {"TOKENIZERS_PARALLELISM": "false"})
     vector_blob = prepared.vector_path.read_bytes() if prepared.vector_path else None
     workers = Workers(cfg, model_path, vector_blob, st.ids, len(steps), device())

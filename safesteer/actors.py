@@ -8,7 +8,9 @@ waits at most ``cluster.placement_timeout_s`` and then names what is missing.
 from __future__ import annotations
 
 import os
+import re
 import socket
+import time
 from dataclasses import dataclass, field
 
 from safesteer.errors import SafeSteerError
@@ -45,6 +47,19 @@ class Role:
         return b
 
 
+def _reachable(address: str, timeout_s: float) -> bool:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(1)
+
+
 def connect(cluster_cfg: dict, roles: list[Role], run_env: dict) -> None:
     """Attach to ``cluster.address`` or start an embedded local Ray sized for ``roles``."""
     import ray
@@ -54,6 +69,13 @@ def connect(cluster_cfg: dict, roles: list[Role], run_env: dict) -> None:
     address = cluster_cfg.get("address")
     runtime_env = {"env_vars": run_env}
     if address:
+        # ray.init retries an unreachable GCS for many minutes: check host:port first, within a bound.
+        gcs = os.environ.get("RAY_ADDRESS", "") if address == "auto" else str(address)
+        wait_s = float(cluster_cfg.get("connect_timeout_s", 60))
+        if re.fullmatch(r"[\w.-]+:\d+", gcs) and not _reachable(gcs, wait_s):
+            raise SafeSteerError(
+                f"cluster.address={address}: no Ray cluster answers at {gcs} within {wait_s:.0f}s"
+            )
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -68,6 +90,7 @@ def connect(cluster_cfg: dict, roles: list[Role], run_env: dict) -> None:
         for k, v in r.resources.items():
             custom[k] = custom.get(k, 0.0) + float(v) * r.count
     ray.init(
+        address="local",  # always a new embedded instance, never a cluster that happens to run here
         num_cpus=num_cpus,
         num_gpus=None,
         resources=custom or None,
@@ -98,10 +121,20 @@ def placement(roles: list[Role], strategy: str, timeout_s: float):
                 total[k] = total.get(k, 0.0) + v
         avail = ray.available_resources()
         missing = {k: v - avail.get(k, 0.0) for k, v in total.items() if avail.get(k, 0.0) < v}
+        # A bundle must fit on one node: enough in total is not enough when no single node has it.
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        unfit = [
+            f"{r.name} {r.bundle()}"
+            for r in roles
+            if r.count and not any(all(n.get(k, 0.0) >= v for k, v in r.bundle().items()) for n in nodes)
+        ]
         ray.util.remove_placement_group(pg)
         want = ", ".join(f"{r.name} x{r.count} {r.bundle()}" for r in roles)
+        what = f"missing {missing}" if missing else f"enough in total, but not as strategy {strategy} asks"
+        if unfit:
+            what += f"; no single node can hold a bundle of {', '.join(unfit)}"
         raise SafeSteerError(
-            f"the cluster cannot place the actors within {timeout_s:.0f}s: missing {missing or total} "
+            f"the cluster cannot place the actors within {timeout_s:.0f}s: {what} "
             f"(asked for {want}; available {dict(sorted(avail.items()))})"
         )
     return pg, index

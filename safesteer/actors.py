@@ -27,7 +27,7 @@ def configure_threads(n: int) -> None:
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
 
 
@@ -91,6 +91,7 @@ def connect(cluster_cfg: dict, roles: list[Role], run_env: dict) -> None:
             custom[k] = custom.get(k, 0.0) + float(v) * r.count
     ray.init(
         address="local",  # always a new embedded instance, never a cluster that happens to run here
+        _node_ip_address="127.0.0.1",  # and on loopback only
         num_cpus=num_cpus,
         num_gpus=None,
         resources=custom or None,

@@ -86,6 +86,19 @@ def schedule(n_prompts: int, cfg) -> list[Step]:
     return steps
 
 
+def rendezvous(pg, bundle_index: int) -> tuple[str, int]:
+    """Address and a free port on the node of learner rank 0 (its placement-group bundle)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def where() -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle_index)
+    return ray.get(where.options(scheduling_strategy=strategy).remote())
+
+
 class Workers:
     """Handles of every actor, called like functions by the driver loop."""
 
@@ -133,7 +146,7 @@ class Workers:
             )
             for b in index["teacher"]
         ]
-        port = free_port()
+        master_addr, port = rendezvous(self.pg, index["learner"][0])
         seqs = cfg.trainer.prompts_per_step * cfg.rollout.samples_per_prompt
         self.learners = [
             spawn(
@@ -144,7 +157,7 @@ class Workers:
                 rank,
                 model_path,
                 dict(cfg.learner),
-                "127.0.0.1" if cfg.cluster.address is None else ray.util.get_node_ip_address(),
+                master_addr,
                 port,
                 total_steps,
                 seqs,

@@ -33,15 +33,19 @@ def eval_sets(cfg) -> dict[str, list[str]]:
 
 
 def generate_answers(
-    worker, tok, sets: dict[str, list[str]], max_new_tokens: int
+    greedy, tok, sets: dict[str, list[str]], max_new_tokens: int
 ) -> dict[str, list[list[int]]]:
-    """Greedy answers from a rollout worker (a Ray actor handle), by set."""
-    import ray
-
+    """Greedy answers by set. ``greedy(prompt_ids, max_tokens)`` is a rollout worker's ``greedy``
+    (called in-process) or a Ray actor handle (its ``greedy.remote`` is used)."""
     names = list(sets)
     flat = [p for n in names for p in sets[n]]
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, flat)]
-    ids = ray.get(worker.greedy.remote(prompt_ids, max_new_tokens))
+    if hasattr(greedy, "greedy"):  # a Ray actor handle
+        import ray
+
+        ids = ray.get(greedy.greedy.remote(prompt_ids, max_new_tokens))
+    else:
+        ids = greedy(prompt_ids, max_new_tokens)
     out, i = {}, 0
     for n in names:
         out[n] = ids[i : i + len(sets[n])]
@@ -133,3 +137,114 @@ def summary(rates: dict[str, dict], harmful_sets: Sequence[str], edgy: str, beni
         "benign_degenerate": rates[benign]["degenerate"],
         "benign_refusal": rates[benign]["refusal"],
     }
+
+
+def evaluate(
+    cfg,
+    base_path: str,
+    trained_path: str | None,
+    tok,
+    before_ids: dict,
+    after_ids: dict | None,
+    sets: dict[str, list[str]],
+) -> dict:
+    """Judge the answers and measure capability; returns ``{"before", "after", "examples"}``."""
+    from safesteer.models import load_hf
+
+    e = cfg.eval
+    decode = lambda ids: {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in ids.items()}  # noqa: E731
+    dec_b = decode(before_ids)
+    rates_b = judge_sets(dec_b)
+    mmlu = load_prompts(e.mmlu_set, limit=e.n_mmlu)
+    base, _ = load_hf(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    out = {
+        "before": {
+            "sets": rates_b,
+            **summary(rates_b, e.harmful_sets, e.edgy_set, e.benign_set),
+            "mmlu": mmlu_accuracy(base, tok, mmlu),
+        }
+    }
+    if trained_path is not None and after_ids is not None:
+        dec_a = decode(after_ids)
+        rates_a = judge_sets(dec_a)
+        trained, _ = load_hf(trained_path, trust_remote_code=cfg.model.trust_remote_code)
+        cap = kl_and_perplexity(base, trained, tok, sets[e.benign_set], before_ids[e.benign_set])
+        out["after"] = {
+            "sets": rates_a,
+            **summary(rates_a, e.harmful_sets, e.edgy_set, e.benign_set),
+            "mmlu": mmlu_accuracy(trained, tok, mmlu),
+            **cap,
+        }
+        out["examples"] = {k: list(zip(sets[k][:3], dec_b[k][:3], dec_a[k][:3])) for k in sets}
+        if e.lm_eval_tasks:
+            out["after"]["lm_eval"] = lm_eval_passthrough(trained_path, list(e.lm_eval_tasks))
+            out["before"]["lm_eval"] = lm_eval_passthrough(base_path, list(e.lm_eval_tasks))
+    return out
+
+
+def lm_eval_passthrough(model_path: str, tasks: list[str]) -> dict:
+    """Run EleutherAI lm-eval tasks on ``model_path`` (for clusters that have lm-eval and its datasets)."""
+    from safesteer.errors import SafeSteerError
+
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise SafeSteerError(
+            "eval.lm_eval_tasks needs the lm-eval package (pip install lm-eval) and its datasets"
+        ) from e
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={model_path}", tasks=tasks)
+    return {
+        task: {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        for task, m in res["results"].items()
+    }
+
+
+def _main(cfg) -> None:
+    import gc
+    import json
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from transformers import AutoTokenizer
+
+    from safesteer.models import resolve_model_path
+    from safesteer.paths import atomic_write_json
+    from safesteer.report import markdown
+    from safesteer.rollout import RolloutWorker
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    base_path = resolve_model_path(cfg.model.path)
+    trained_path = resolve_model_path(cfg.eval.model) if cfg.eval.model else None
+    tok = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    sets = eval_sets(cfg)
+    rollout_cfg = {**dict(cfg.rollout), "dtype": cfg.model.dtype}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    answers = []
+    for path in [base_path] + ([trained_path] if trained_path else []):
+        engine = RolloutWorker(path, rollout_cfg, cfg.seed, device, cfg.model.trust_remote_code)
+        answers.append(generate_answers(engine.greedy, tok, sets, cfg.eval.max_new_tokens))
+        del engine
+        gc.collect()
+    results = evaluate(
+        cfg, base_path, trained_path, tok, answers[0], answers[1] if trained_path else None, sets
+    )
+    atomic_write_json(run_dir / "metrics.json", results)
+    from safesteer.paths import atomic_write_text
+
+    atomic_write_text(run_dir / "report.md", markdown(results, None))
+    print(
+        json.dumps(
+            {k: {m: v for m, v in r.items() if m != "sets"} for k, r in results.items() if k != "examples"},
+            indent=1,
+        )
+    )
+
+
+def main() -> None:
+    from safesteer.config import hydra_entry
+
+    hydra_entry(_main)
+
+
+if __name__ == "__main__":
+    main()

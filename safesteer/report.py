@@ -56,7 +56,8 @@ def markdown(results: dict, tokens) -> str:
                 f"| {r['step']} | {r['loss']:.4f} | {r['safety_mass']:.3f} | {r['grad_norm']:.3f} | {r['step_s']:.1f} |"
             )
         lines.append("")
-    lines += ["## Safety tokens", "", "```", tokens.table(20), "```", ""]
+    if tokens is not None:
+        lines += ["## Safety tokens", "", "```", tokens.table(20), "```", ""]
     ex = results.get("examples") or {}
     if ex:
         lines += ["## Examples (before → after)", ""]

@@ -5,7 +5,6 @@ Hydra overrides select everything, e.g. ``python -m safesteer.run +experiment=sm
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -46,8 +45,6 @@ def export_model(run_dir: Path, model_path: str, blob: bytes, prepared) -> Path:
     """The trained student as an HF directory (safetensors, tokenizer, chat template), plus the teacher artifacts."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from safesteer.paths import atomic_write_bytes  # noqa: F401  (documented: everything is written atomically)
-
     out = run_dir / "export"
     with atomic_dir(out) as tmp:
         model_dir = tmp / "model"
@@ -74,8 +71,8 @@ def _main(cfg) -> None:
     from safesteer.actors import connect
     from safesteer.core.tokens import SafetyTokens
     from safesteer.driver import Workers, distill, roles, schedule
-    from safesteer.models import load_hf, resolve_model_path
-    from safesteer.report import write_report
+    from safesteer.models import resolve_model_path
+    from safesteer.report import table_rows, write_report
     from safesteer.steer import Prepared, prepare
 
     t_start = time.perf_counter()
@@ -123,41 +120,18 @@ def _main(cfg) -> None:
         workers.shutdown()
         if cfg.cluster.address is None:
             ray.shutdown()
-    exported = export_model(run_dir, model_path, blob, prepared) if "export" in stages else None
-    if exported is None:  # evaluation of the trained weights still needs them on disk
-        exported = export_model(run_dir, model_path, blob, prepared)
+    # evaluation reads the trained weights from the export, so it is written for either stage
+    exported = export_model(run_dir, model_path, blob, prepared) if "export" in stages or evaluate else None
     if evaluate:
-        dec = {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in before_ids.items()}
-        dec_after = {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in after_ids.items()}
-        e = cfg.eval
-        rates_b, rates_a = ev.judge_sets(dec), ev.judge_sets(dec_after)
-        base, _ = load_hf(model_path)
-        trained, _ = load_hf(str(exported))
-        from safesteer.data import load_prompts
-
-        mmlu = load_prompts(e.mmlu_set, limit=e.n_mmlu)
-        cap = ev.kl_and_perplexity(base, trained, tok, sets[e.benign_set], before_ids[e.benign_set])
-        results["before"] = {
-            "sets": rates_b,
-            **ev.summary(rates_b, e.harmful_sets, e.edgy_set, e.benign_set),
-            "mmlu": ev.mmlu_accuracy(base, tok, mmlu),
-        }
-        results["after"] = {
-            "sets": rates_a,
-            **ev.summary(rates_a, e.harmful_sets, e.edgy_set, e.benign_set),
-            "mmlu": ev.mmlu_accuracy(trained, tok, mmlu),
-            **cap,
-        }
-        results["examples"] = {k: list(zip(sets[k][:3], dec[k][:3], dec_after[k][:3])) for k in sets}
+        results.update(ev.evaluate(cfg, model_path, str(exported), tok, before_ids, after_ids, sets))
     results["history"] = history
     results["wall_seconds"] = time.perf_counter() - t_start
     results["prepare"] = prepared.report
     atomic_write_json(run_dir / "metrics.json", results)
     write_report(run_dir, results, st)
     log.info("done in %.0fs; artifacts in %s", results["wall_seconds"], run_dir)
-    print(
-        json.dumps({k: results.get(k) for k in ("before", "after")}, default=str)[:2000] if evaluate else ""
-    )
+    for s, m, b, a in table_rows(results):
+        print(f"{s:>22} {m:<34} {b:>8} -> {a}")
 
 
 def main() -> None:

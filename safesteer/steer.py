@@ -133,7 +133,7 @@ def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, d
                 bar,
             ):
                 trials.append((m, t))
-    best = S.best_trial([t for _, t in trials], sc.max_degenerate, sc.benign_weight)
+    best = S.best_trial([t for _, t in trials], sc.max_degenerate, sc.max_benign_refusal)
     method = next(m for m, t in trials if t is best)
     _, score, vec = by_key[(method, best.layer, best.position)]
     sv = S.SteeringVector(
@@ -156,7 +156,7 @@ def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, d
     )
     report = {
         "chosen": {"method": method, **asdict(best)},
-        "trials": [{"method": m, **asdict(t), "objective": t.objective(sc.benign_weight)} for m, t in trials],
+        "trials": [{"method": m, **asdict(t)} for m, t in trials],
         "reference_scores": all_scores,
     }
     return sv, report

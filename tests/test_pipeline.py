@@ -34,21 +34,38 @@ def test_end_to_end_two_ranks_two_rollout_workers(tmp_path, zero_stage):
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["policy_lag"] == 0 for r in rows)
-    for name in ("config.yaml", "vector.safetensors", "safety_tokens.json", "metrics.json", "report.md",
-                 "export/model/model.safetensors", "export/model/config.json", "export/model/tokenizer.json",
-                 "export/vector.safetensors", "export/safety_tokens.json"):
+    for name in (
+        "config.yaml",
+        "vector.safetensors",
+        "safety_tokens.json",
+        "metrics.json",
+        "report.md",
+        "export/model/model.safetensors",
+        "export/model/config.json",
+        "export/model/tokenizer.json",
+        "export/vector.safetensors",
+        "export/safety_tokens.json",
+    ):
         assert (run_dir / name).is_file(), name
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model")
-    base = AutoModelForCausalLM.from_pretrained(json.loads((run_dir / "metrics.json").read_text())["prepare"]["model"])
-    changed = [n for (n, p1), (_, p0) in zip(model.named_parameters(), base.named_parameters()) if not torch.equal(p1, p0)]
+    base = AutoModelForCausalLM.from_pretrained(
+        json.loads((run_dir / "metrics.json").read_text())["prepare"]["model"]
+    )
+    changed = [
+        n
+        for (n, p1), (_, p0) in zip(model.named_parameters(), base.named_parameters())
+        if not torch.equal(p1, p0)
+    ]
     assert changed, "training did not change any weight"
 
 
 def test_max_staleness_one_overlaps_with_bounded_lag(tmp_path):
     run_dir = tmp_path / "run"
-    p = run_cli(run_dir, "trainer.max_staleness=1", "trainer.max_steps=3", "data.train_limit=12", "eval.enabled=false")
+    p = run_cli(
+        run_dir, "trainer.max_staleness=1", "trainer.max_steps=3", "data.train_limit=12", "eval.enabled=false"
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3]  # same number of updates
@@ -72,8 +89,15 @@ def group(tmp_path_factory):
     from safesteer.steer import prepare
 
     with initialize_config_dir(str(CONF_DIR), version_base=None):
-        cfg = compose("config", overrides=["+experiment=smoke", "rollout.num_workers=2", "learner.lr=1e-3",
-                                           "trainer.max_steps=4"])
+        cfg = compose(
+            "config",
+            overrides=[
+                "+experiment=smoke",
+                "rollout.num_workers=2",
+                "learner.lr=1e-3",
+                "trainer.max_steps=4",
+            ],
+        )
     validate(cfg)
     out = tmp_path_factory.mktemp("prep")
     model_path = resolve_model_path(cfg.model.path)
@@ -83,7 +107,14 @@ def group(tmp_path_factory):
     w = Workers(cfg, model_path, prepared.vector_path.read_bytes(), st.ids, 8, "cpu")
     w.wait_ready()
     tok = AutoTokenizer.from_pretrained(model_path)
-    yield {"cfg": cfg, "workers": w, "tok": tok, "model_path": model_path, "prepared": prepared, "ids": st.ids}
+    yield {
+        "cfg": cfg,
+        "workers": w,
+        "tok": tok,
+        "model_path": model_path,
+        "prepared": prepared,
+        "ids": st.ids,
+    }
     w.shutdown()
     ray.shutdown()
 
@@ -103,7 +134,9 @@ def _fixed_batch(g, n_prompts=4):
     sc = w.score(ins_rep, comps)
     batch = collate([p for p in pids for _ in range(k)], comps, tok.pad_token_id)
     L = batch["input_ids"].shape[1]
-    batch["teacher_logprobs"] = to_sequence_positions(sc["teacher"]["logprobs"], batch["prompt_lens"], batch["completion_lens"], L)
+    batch["teacher_logprobs"] = to_sequence_positions(
+        sc["teacher"]["logprobs"], batch["prompt_lens"], batch["completion_lens"], L
+    )
     return ins_rep, comps, sc, batch
 
 
@@ -121,8 +154,15 @@ def test_teacher_actor_matches_direct_computation(group):
     direct = score_completions(model, tok, teacher, ins, comps, "ids", torch.tensor(group["ids"]))["logprobs"]
     torch.testing.assert_close(lp, direct, atol=1e-4, rtol=1e-4)
     # and the steering hook is really applied: the unsteered scores differ
-    plain = score_completions(model, tok, Teacher(kind="system_prompt", system_prompt="x"), ins, comps, "ids",
-                              torch.tensor(group["ids"]))["logprobs"]
+    plain = score_completions(
+        model,
+        tok,
+        Teacher(kind="system_prompt", system_prompt="x"),
+        ins,
+        comps,
+        "ids",
+        torch.tensor(group["ids"]),
+    )["logprobs"]
     assert not torch.allclose(lp, plain, atol=1e-4)
 
 
@@ -147,7 +187,9 @@ def test_rollout_weights_equal_learner_weights_after_a_step(group):
     sd = load(blob)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
-    prompt = tok("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    prompt = tok("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
+        "input_ids"
+    ]
     res = ray.get(w.rollout[0].generate.remote([prompt], 1, 1.0, 1.0, 6))
     s = res["samples"][0]
     ids = torch.tensor([prompt + s["completion_ids"]])

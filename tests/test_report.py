@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from safesteer import eval as ev
 from safesteer.core.tokens import SafetyTokens
 from safesteer.report import write_report
@@ -78,3 +80,30 @@ def test_report_holds_the_planted_numbers(tmp_path):
     assert "88%" in page and "How do I do a bad thing?" in page
     for name in ("refusal_by_set.png", "training.png", "safety_vs_capability.png"):
         assert (run / "figures" / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_eval_cli_compares_two_models_with_real_vllm(tmp_path):
+    """``python -m safesteer.eval`` on the tiny model against itself: real vLLM engines, zero KL."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "eval"
+    cmd = [
+        sys.executable,
+        "-m",
+        "safesteer.eval",
+        "+experiment=smoke",
+        "eval.model=tiny",
+        f"hydra.run.dir={run}",
+    ]
+    p = subprocess.run(
+        cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m) == {"before", "after", "examples"}
+    assert m["before"]["sets"] == m["after"]["sets"]  # same weights, greedy: identical answers
+    assert abs(m["after"]["kl_per_token"]) < 1e-6 and m["after"]["mmlu"] == m["before"]["mmlu"]
+    assert (run / "report.md").is_file()

@@ -427,30 +427,31 @@ def test_allowed_layers() -> None:
     assert allowed_layers(10, prune_fraction=0.0) == list(range(10))
 
 
-def _trial(coeff, harm, ben, deg, layer=1):
-    return SteeringTrial(layer, -1, coeff, harm, ben, deg, norm=10.0 * coeff)
+def _trial(coeff, score, ben, deg, layer=1):
+    return SteeringTrial(layer, -1, coeff, 0.8, ben, deg, norm=10.0 * coeff, harmful_score=score)
 
 
-def test_best_trial_picks_the_best_coherent_trial() -> None:
+def test_best_trial_picks_the_strongest_coherent_selective_trial() -> None:
     trials = [
-        _trial(0.25, 0.5, 0.1, 0.0),  # 0.4
-        _trial(0.5, 0.9, 0.2, 0.03),  # 0.7: best coherent
-        _trial(1.0, 1.0, 0.0, 0.5),  # 1.0 but degenerate
-        _trial(0.75, 0.8, 0.3, 0.0),  # 0.5
+        _trial(0.25, -1.5, 0.1, 0.0),
+        _trial(0.5, -0.8, 0.2, 0.03),  # strongest among coherent and selective
+        _trial(1.0, 0.5, 0.0, 0.5),  # strongest but degenerate
+        _trial(0.75, -0.2, 0.6, 0.0),  # strong but refuses 60% of harmless prompts
     ]
-    assert best_trial(trials) is trials[1]
-    assert best_trial(trials, max_degenerate=0.6) is trials[2]
-    # ties: fewer degenerate first, then the smaller coefficient
-    tied = [_trial(1.0, 0.9, 0.2, 0.02), _trial(0.5, 0.8, 0.1, 0.02), _trial(0.75, 0.7, 0.0, 0.0)]
-    assert best_trial(tied) is tied[2]
-    tied2 = [_trial(1.0, 0.9, 0.2, 0.0), _trial(0.5, 0.8, 0.1, 0.0)]
-    assert best_trial(tied2) is tied2[1]
+    assert best_trial(trials, max_benign_refusal=0.33) is trials[1]
+    assert best_trial(trials, max_degenerate=0.6, max_benign_refusal=0.33) is trials[2]
+    assert best_trial(trials, max_benign_refusal=1.0) is trials[3]
+    # ties go to the smaller coefficient
+    tied = [_trial(1.0, -0.5, 0.2, 0.0), _trial(0.5, -0.5, 0.1, 0.0)]
+    assert best_trial(tied) is tied[1]
 
 
-def test_best_trial_refuses_when_every_trial_is_degenerate() -> None:
+def test_best_trial_refuses_when_every_trial_is_degenerate_or_unselective() -> None:
     trials = [_trial(1.0, 1.0, 0.0, 0.5), _trial(2.0, 1.0, 0.0, 0.9)]
     with pytest.raises(SafeSteerError, match="degenerate"):
         best_trial(trials)
+    with pytest.raises(SafeSteerError, match="max_benign_refusal"):
+        best_trial([_trial(0.5, 0.0, 0.5, 0.0)], max_benign_refusal=0.33)
 
 
 # ------------------------------------------------------------------------------------- teacher

@@ -456,17 +456,17 @@ def generate_texts(
 
 @dataclass
 class SteeringTrial:
+    """What one (layer, position, coeff) does: greedy answers judged, and the refusal log-odds."""
+
     layer: int
     position: int
     coeff: float
-    harmful_refusal: float
-    benign_refusal: float
-    degenerate: float
-    norm: float
-
-    def objective(self, benign_weight: float = 1.0) -> float:
-        """Harmful refusal minus ``benign_weight`` x benign refusal."""
-        return self.harmful_refusal - benign_weight * self.benign_refusal
+    harmful_refusal: float  # judged refusals among greedy answers to harmful validation prompts
+    benign_refusal: float  # the same on harmless validation prompts
+    degenerate: float  # degenerate answers over both sets
+    norm: float  # ||coeff * r||
+    harmful_score: float = 0.0  # mean refusal score (log-odds of refusal first tokens) on harmful prompts
+    benign_score: float = 0.0  # the same on harmless prompts
 
 
 def coeff_search(
@@ -480,17 +480,20 @@ def coeff_search(
     batch_size: int = 16,
     progress=None,
 ) -> list[SteeringTrial]:
-    """Generate greedily under each (layer, position, vector) x coeff and judge the answers."""
+    """Steer with each (layer, position, vector) x coeff: generate greedily, judge, and score."""
+    rid = refusal_token_ids(tok)
     trials = []
     for layer, pos, vec in candidates:
         for c in coeffs:
             with steering(model, layer, vec, c):
                 harm = generate_texts(model, tok, harmful_val, max_new_tokens, batch_size)
                 ben = generate_texts(model, tok, harmless_val, max_new_tokens, batch_size)
+                hs = refusal_score(model, tok, harmful_val, rid, batch_size).mean().item()
+                bs = refusal_score(model, tok, harmless_val, rid, batch_size).mean().item()
             rh, rb = judge_mod.rates(harm), judge_mod.rates(ben)
             deg = (rh["degenerate"] * rh["n"] + rb["degenerate"] * rb["n"]) / (rh["n"] + rb["n"])
             trials.append(
-                SteeringTrial(layer, pos, c, rh["refusal"], rb["refusal"], deg, float(vec.norm() * c))
+                SteeringTrial(layer, pos, c, rh["refusal"], rb["refusal"], deg, float(vec.norm() * c), hs, bs)
             )
             if progress is not None:
                 progress.update(1)
@@ -498,18 +501,30 @@ def coeff_search(
 
 
 def best_trial(
-    trials: Sequence[SteeringTrial], max_degenerate: float = 0.05, benign_weight: float = 1.0
+    trials: Sequence[SteeringTrial], max_degenerate: float = 0.05, max_benign_refusal: float = 1.0
 ) -> SteeringTrial:
-    """The trial with the highest harmful-minus-weighted-benign refusal among coherent ones.
+    """The strongest coherent, selective teacher.
 
-    Ties go to fewer degenerate answers, then to the smaller coefficient. Raises when every trial
-    degrades the text: a teacher that produces garbage must never be chosen.
+    Among trials with at most ``max_degenerate`` degenerate answers and at most
+    ``max_benign_refusal`` refusals of harmless prompts, take the highest refusal score on harmful
+    prompts: the student is distilled toward the teacher's *distribution*, and two teachers with
+    the same greedy refusal rate can differ a lot there (measured on the default model: layer 13 and
+    layer 14 at coeff 0.5 both refuse 81% greedily; layer 14's log-odds are 0.5 higher, and only its
+    student learned to refuse). Ties go to the smaller coefficient. Raises when no trial qualifies:
+    a teacher that produces garbage must never be chosen.
     """
-    ok = [t for t in trials if t.degenerate <= max_degenerate]
-    if not ok:
-        worst = min(trials, key=lambda t: t.degenerate)
+    coherent = [t for t in trials if t.degenerate <= max_degenerate]
+    if not coherent:
+        best = min(trials, key=lambda t: t.degenerate)
         raise SafeSteerError(
-            f"every steering candidate makes the model degenerate (best {worst.degenerate:.0%} > "
+            f"every steering candidate makes the model degenerate (best {best.degenerate:.0%} > "
             f"steering.max_degenerate={max_degenerate:.0%}); try smaller steering.coeffs or other layers"
         )
-    return max(ok, key=lambda t: (round(t.objective(benign_weight), 6), -t.degenerate, -t.coeff))
+    ok = [t for t in coherent if t.benign_refusal <= max_benign_refusal]
+    if not ok:
+        best = min(coherent, key=lambda t: t.benign_refusal)
+        raise SafeSteerError(
+            f"every coherent steering candidate refuses too many harmless prompts (best {best.benign_refusal:.0%} > "
+            f"steering.max_benign_refusal={max_benign_refusal:.0%}); try smaller steering.coeffs"
+        )
+    return max(ok, key=lambda t: (round(t.harmful_score, 6), -t.coeff))

@@ -71,6 +71,12 @@ def validate(cfg) -> None:
         _check(cfg.tokens[key] >= 1, f"tokens.{key}", cfg.tokens[key], "must be >= 1")
     r = cfg.rollout
     _check(r.num_workers >= 1, "rollout.num_workers", r.num_workers, "must be >= 1")
+    _check(
+        r.weight_sync in ("object_store", "nccl"),
+        "rollout.weight_sync",
+        r.weight_sync,
+        "choose object_store or nccl",
+    )
     _check(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", r.samples_per_prompt, "must be >= 1")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0 (sampling is on-policy)")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")

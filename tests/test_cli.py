@@ -27,6 +27,7 @@ def run(*overrides: str, module: str = "safesteer.run", tmp: Path) -> subprocess
         ("learner.micro_batch_size=3", "learner.micro_batch_size=3"),
         ("stages=[distill,prepare]", "stages="),
         ("learner.renormalize=true", "learner.renormalize=True"),
+        ("rollout.weight_sync=nccl", "rollout.weight_sync=nccl"),  # this machine has no GPU
     ],
 )
 def test_invalid_values_fail_with_one_line(tmp_path, override, culprit):

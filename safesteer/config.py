@@ -77,6 +77,15 @@ def validate(cfg) -> None:
         r.weight_sync,
         "choose object_store or nccl",
     )
+    if r.weight_sync == "nccl":
+        import torch
+
+        _check(
+            torch.cuda.is_available(),
+            "rollout.weight_sync",
+            r.weight_sync,
+            "needs CUDA GPUs (use object_store)",
+        )
     _check(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", r.samples_per_prompt, "must be >= 1")
     _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0 (sampling is on-policy)")
     _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")

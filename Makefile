@@ -8,7 +8,7 @@ STAMP := $(VENV)/.safesteer-setup-$(SAFESTEER_DEVICE)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -36,9 +36,6 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check safesteer tests
 	$(PY) -m ruff format --check safesteer tests
-
-bench: setup
-	$(PY) -m safesteer.bench $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

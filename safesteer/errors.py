@@ -1,14 +1,6 @@
-"""One error type for everything a user can get wrong, and the one-line CLI report of it."""
+"""One error type for everything a user can get wrong."""
 
 from __future__ import annotations
-
-import os
-import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import TypeVar
-
-T = TypeVar("T")
 
 
 class SafeSteerError(Exception):
@@ -16,24 +8,5 @@ class SafeSteerError(Exception):
 
 
 def one_line(msg: object) -> str:
+    """``msg`` with all whitespace runs (newlines included) collapsed to single spaces."""
     return " ".join(str(msg).split())
-
-
-def cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
-    """Turn user errors into one ``error: ...`` line and exit code 2 (a traceback with ``SAFESTEER_DEBUG=1``)."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (SafeSteerError, FileNotFoundError, PermissionError) as e:
-            if os.environ.get("SAFESTEER_DEBUG") or _hydra_debug():
-                raise
-            print(f"error: {one_line(e)}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
-
-
-def _hydra_debug() -> bool:
-    return any(a in ("debug=true", "debug=True", "++debug=true") for a in sys.argv[1:])

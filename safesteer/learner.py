@@ -192,16 +192,3 @@ class LearnerWorker:
         t = time.perf_counter()
         self.transfer.send_weights()
         return time.perf_counter() - t
-
-    def losses_on(self, batch: dict) -> list[float]:
-        """Per-sequence loss on a fixed batch, without updating (for tests and checks)."""
-        self.engine.eval()
-        with torch.no_grad():
-            mbs = split(batch, batch["input_ids"].shape[0])
-            return [self._micro_loss(mb)[0].item() for mb in mbs]
-
-
-def state_dict_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
-    return load(blob)

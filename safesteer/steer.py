@@ -246,7 +246,8 @@ def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_n
 
     model, tok = load_hf(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
     sv = S.load_vector(prepared.vector_path) if prepared.vector_path else None
-    teacher = S.Teacher(kind=cfg.teacher.kind, vector=sv)
+    extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
+    teacher = S.Teacher(kind=cfg.teacher.kind, vector=sv, **extra)
     out = {}
     for name in ("eval_advbench", "eval_edgy_benign"):
         prompts = _instructions(name, n, cfg.seed)

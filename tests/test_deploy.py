@@ -503,7 +503,8 @@ def test_slurm_sbatch_two_nodes_runs_the_pipeline_and_tears_ray_down(slurm, tmp_
         assert "teardown done" in batch_log, batch_log
         for node in (head, worker):  # the teardown step ran on every node
             assert (logs / f"ray-stop-{node}.log").is_file(), node
-        assert wait_until(lambda: not job_processes(job), 30), "processes of the finished job remain"
+        left = [] if wait_until(lambda: not job_processes(job), 90) else job_processes(job)
+        assert not left, f"processes of the finished job remain: {[cmdline(pid) for pid in left]}"
         assert not cmdlines_containing(str(ray_tmp))
     finally:  # nothing to do, unless the test failed midway
         run(["scancel", f"--name={name}"], env=env)

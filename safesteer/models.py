@@ -122,22 +122,14 @@ def prepare_default_model(force: bool = False) -> Path:
     return convert_gguf(default_gguf_path(), out)
 
 
-def prepare_tiny_model() -> Path:
-    """A tiny random Llama with the default model's tokenizer and chat template (for smoke runs and tests).
+def tiny_llama_config(tok, num_hidden_layers: int = 4):
+    """A tiny Llama config (hidden 64, head_dim 32 as vLLM's CPU attention needs) for ``tok``'s vocabulary."""
+    from transformers import LlamaConfig
 
-    Deterministic (seed 0); head_dim 32 so that vLLM's CPU attention accepts it.
-    """
-    out = cache_dir() / "models" / TINY_MODEL
-    if out.is_dir() and verify_checkpoint(out) is None:
-        return out
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(str(prepare_default_model()))
-    cfg = LlamaConfig(
+    return LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=4,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=32,
@@ -148,6 +140,21 @@ def prepare_tiny_model() -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+
+
+def prepare_tiny_model() -> Path:
+    """A tiny random Llama with the default model's tokenizer and chat template (for smoke runs and tests).
+
+    Deterministic (seed 0); head_dim 32 so that vLLM's CPU attention accepts it.
+    """
+    out = cache_dir() / "models" / TINY_MODEL
+    if out.is_dir() and verify_checkpoint(out) is None:
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(prepare_default_model()))
+    cfg = tiny_llama_config(tok)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
     with atomic_dir(out) as tmp:

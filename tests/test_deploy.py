@@ -494,6 +494,9 @@ def test_slurm_sbatch_two_nodes_runs_the_pipeline_and_tears_ray_down(slurm, tmp_
         assert job_field(env, job, "NumNodes") == "2"
         assert_artifacts(out)
         assert (out / "report.md").is_file()  # evaluation ran too
+        # The node steps may still be logging their exit when sbatch --wait returns: read once they are gone.
+        left = [] if wait_until(lambda: not job_processes(job), 90) else job_processes(job)
+        assert not left, f"processes of the finished job remain: {[cmdline(pid) for pid in left]}"
         head_log, worker_log = read(logs / f"ray-head-{head}.log"), read(logs / f"ray-worker-{worker}.log")
         assert "Ray runtime started" in head_log and "ray start ended" in head_log, tail(head_log)
         assert "Ray runtime started" in worker_log and "ray start ended" in worker_log, tail(worker_log)
@@ -503,8 +506,6 @@ def test_slurm_sbatch_two_nodes_runs_the_pipeline_and_tears_ray_down(slurm, tmp_
         assert "teardown done" in batch_log, batch_log
         for node in (head, worker):  # the teardown step ran on every node
             assert (logs / f"ray-stop-{node}.log").is_file(), node
-        left = [] if wait_until(lambda: not job_processes(job), 90) else job_processes(job)
-        assert not left, f"processes of the finished job remain: {[cmdline(pid) for pid in left]}"
         assert not cmdlines_containing(str(ray_tmp))
     finally:  # nothing to do, unless the test failed midway
         run(["scancel", f"--name={name}"], env=env)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,10 +110,28 @@ def validate(cfg) -> None:
     _check(ln.micro_batch_size >= 1, "learner.micro_batch_size", ln.micro_batch_size, "must be >= 1")
     _check(ln.lr > 0, "learner.lr", ln.lr, "must be > 0")
     _check(0 <= ln.warmup_ratio < 1, "learner.warmup_ratio", ln.warmup_ratio, "must be in [0, 1)")
+    _check(
+        cfg.eval.classifier.template in ("llamaguard", "harmbench"),
+        "eval.classifier.template",
+        cfg.eval.classifier.template,
+        "choose llamaguard or harmbench",
+    )
     t = cfg.trainer
     _check(t.max_staleness in (0, 1), "trainer.max_staleness", t.max_staleness, "must be 0 (on-policy) or 1")
     _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", t.prompts_per_step, "must be >= 1")
     _check(t.epochs >= 1, "trainer.epochs", t.epochs, "must be >= 1")
+    _check(
+        t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 = never)"
+    )
+    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+    _check(t.max_restarts >= 0, "trainer.max_restarts", t.max_restarts, "must be >= 0")
+    _check(t.max_bad_steps >= 1, "trainer.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    _check(
+        t.resume is None or (isinstance(t.resume, str) and t.resume.strip() != ""),
+        "trainer.resume",
+        t.resume,
+        "must be null, auto or a checkpoint path",
+    )
     seqs = t.prompts_per_step * r.samples_per_prompt
     _check(
         seqs % (ln.world_size * ln.micro_batch_size) == 0,
@@ -135,6 +154,27 @@ def validate(cfg) -> None:
     )
 
 
+def _unwritable_output_dir(argv: list[str]) -> str | None:
+    """Check, before Hydra creates it, that the run directory can be written (Hydra would fail with a
+    traceback). Interpolations like ``${now:...}`` are checked up to their first literal directory."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    key = "hydra.sweep.dir=" if multirun else "hydra.run.dir="
+    given = [a.split("=", 1)[1] for a in argv if a.startswith(key)]
+    raw = given[-1] if given else ("multirun" if multirun else "outputs")
+    literal = raw.split("${", 1)[0]
+    target = (
+        Path(literal) if not literal or literal.endswith("/") or "${" not in raw else Path(literal).parent
+    )
+    target = target if str(target) else Path(".")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".safesteer-write-test-"):
+            pass
+    except OSError as e:
+        return f"{key}{raw}: output directory is not writable ({e.strerror or e}: {e.filename or target})"
+    return None
+
+
 def hydra_entry(fn: Callable, config_name: str = "config") -> None:
     """Run ``fn(cfg)`` under Hydra with validation and one-line errors (tracebacks with debug=true)."""
     import hydra
@@ -144,6 +184,11 @@ def hydra_entry(fn: Callable, config_name: str = "config") -> None:
             f"error: config directory {CONF_DIR} not found (install the project with `pip install -e .`)",
             file=sys.stderr,
         )
+        sys.exit(2)
+
+    problem = _unwritable_output_dir(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)

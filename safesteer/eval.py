@@ -130,13 +130,55 @@ def kl_and_perplexity(base, trained, tok, prompts: list[str], answers: list[list
 def summary(rates: dict[str, dict], harmful_sets: Sequence[str], edgy: str, benign: str) -> dict:
     """Headline numbers from per-set judge rates."""
     harmful = [rates[n]["refusal"] for n in harmful_sets]
-    return {
+    out = {
         "harmful_refusal_mean": sum(harmful) / len(harmful),
         "edgy_refusal": rates[edgy]["refusal"],
         "edgy_preamble": rates[edgy]["preamble"],
         "benign_degenerate": rates[benign]["degenerate"],
         "benign_refusal": rates[benign]["refusal"],
     }
+    unsafe = [rates[n]["unsafe"] for n in harmful_sets if "unsafe" in rates[n]]
+    if unsafe:
+        out["harmful_unsafe_mean"] = sum(unsafe) / len(unsafe)
+    return out
+
+
+def classify(cfg, answers: list[dict[str, list[str]]], sets: dict[str, list[str]]) -> list[dict[str, dict]]:
+    """The classifier judge (``eval.classifier.path``): one vLLM engine with the local classifier model
+    labels every answer on the harmful sets as harmful or not. Returns per-set rates for each answer set."""
+    import gc
+
+    from transformers import AutoTokenizer
+
+    from safesteer.errors import SafeSteerError
+    from safesteer.models import resolve_model_path
+    from safesteer.rollout import RolloutWorker
+
+    c = cfg.eval.classifier
+    path = resolve_model_path(c.path)
+    ctok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    engine_cfg = {**dict(cfg.rollout), "dtype": cfg.model.dtype, "max_model_len": c.max_model_len}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = RolloutWorker(path, engine_cfg, cfg.seed, device, cfg.model.trust_remote_code)
+    out = []
+    for texts in answers:
+        rates = {}
+        for name in cfg.eval.harmful_sets:
+            prompts = [
+                judge.classifier_prompt(c.template, ctok, q, a) for q, a in zip(sets[name], texts[name])
+            ]
+            ids = [ctok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            too_long = [len(x) for x in ids if len(x) + c.max_new_tokens > c.max_model_len]
+            if too_long:
+                raise SafeSteerError(
+                    f"eval.classifier.max_model_len={c.max_model_len}: a classifier prompt has {max(too_long)} tokens"
+                )
+            outputs = [ctok.decode(x, skip_special_tokens=True) for x in engine.greedy(ids, c.max_new_tokens)]
+            rates[name] = judge.classifier_rates([judge.classifier_verdict(c.template, o) for o in outputs])
+        out.append(rates)
+    del engine
+    gc.collect()
+    return out
 
 
 def evaluate(
@@ -155,6 +197,12 @@ def evaluate(
     decode = lambda ids: {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in ids.items()}  # noqa: E731
     dec_b = decode(before_ids)
     rates_b = judge_sets(dec_b)
+    dec_a = decode(after_ids) if after_ids is not None else None
+    rates_a = judge_sets(dec_a) if dec_a is not None else None
+    if e.classifier.path:
+        for rates, cls in zip([rates_b, rates_a], classify(cfg, [d for d in (dec_b, dec_a) if d], sets)):
+            for name, r in cls.items():
+                rates[name].update(r)
     mmlu = load_prompts(e.mmlu_set, limit=e.n_mmlu)
     base, _ = load_hf(base_path, trust_remote_code=cfg.model.trust_remote_code)
     out = {
@@ -165,8 +213,6 @@ def evaluate(
         }
     }
     if trained_path is not None and after_ids is not None:
-        dec_a = decode(after_ids)
-        rates_a = judge_sets(dec_a)
         trained, _ = load_hf(trained_path, trust_remote_code=cfg.model.trust_remote_code)
         cap = kl_and_perplexity(base, trained, tok, sets[e.benign_set], before_ids[e.benign_set])
         out["after"] = {

@@ -8,9 +8,11 @@ NCCL on GPU; the driver bootstraps the group (address, port, ranks).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,6 +20,10 @@ from safesteer.actors import configure_threads
 from safesteer.core.batch import split, trim
 from safesteer.core.loss import localized_reverse_kl_terms, safety_mass, sequence_mean
 from safesteer.core.scoring import right_padded_positions
+from safesteer.errors import SafeSteerError
+
+# Adam's per-partition state, saved next to the fp32 master partition (ZeRO keeps one of each per rank).
+OPTIMIZER_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float):
@@ -126,19 +132,30 @@ class LearnerWorker:
             stats["mass_sum"] = safety_mass(logits, self.ids, mb["completion_mask"]).item() * per_seq.numel()
         return per_seq.mean(), stats
 
-    def train_step(self, shard: dict) -> dict:
-        """One optimizer step over this rank's shard (split into micro-batches)."""
+    def train_step(self, shard: dict, poison: bool = False) -> dict:
+        """One optimizer step over this rank's shard (split into micro-batches).
+
+        A non-finite loss or gradient on any rank makes DeepSpeed skip the update on every rank (the
+        global gradient norm is not finite): the weights, Adam state and LR schedule stay as they were
+        and ``skipped`` is True. ``poison`` turns this rank's loss into NaN (fault injection for tests).
+        """
         t = time.perf_counter()
         self.engine.train()
         n_micro = shard["input_ids"].shape[0] // self.cfg["micro_batch_size"]
         totals = {"loss_sum": 0.0, "sequences": 0, "mass_sum": 0.0}
+        skipped_before = self.engine.skipped_steps
         for mb in split(shard, n_micro):
             loss, stats = self._micro_loss(mb)
+            if poison:
+                loss = loss * float("nan")
+                stats["loss_sum"] = float("nan")
             self.engine.backward(loss)
             self.engine.step()
             for k, v in stats.items():
                 totals[k] += v
-        self.steps += 1
+        skipped = self.engine.skipped_steps > skipped_before
+        if not skipped:
+            self.steps += 1
         grad_norm = self.engine.get_global_grad_norm()
         n = max(totals["sequences"], 1)
         return {
@@ -149,7 +166,105 @@ class LearnerWorker:
             "tokens": int(shard["completion_mask"].sum().item()),
             "seconds": time.perf_counter() - t,
             "step": self.steps,
+            "skipped": skipped,
         }
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _partitions(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 master partitions (one per parameter group)."""
+        opt = self.engine.optimizer
+        if self.cfg["zero_stage"] == 3:
+            return list(opt.fp32_partitioned_groups_flat)
+        return list(opt.single_partition_of_fp32_groups)
+
+    def save_state(self, directory: str) -> str:
+        """Write this rank's share of a checkpoint: ``learner-rank<r>.safetensors`` in ``directory``.
+
+        It holds the rank's fp32 master partitions, their Adam state, the torch RNG state and (as
+        metadata) the step counters and LR schedule: everything needed to continue bitwise-exactly
+        with the same world size and ZeRO stage. No pickle anywhere.
+        """
+        from safetensors.torch import save_file
+
+        base = self.engine.optimizer.optimizer
+        tensors = {"rng.torch": torch.get_rng_state()}
+        for i, flat in enumerate(self._partitions()):
+            tensors[f"fp32.{i}"] = flat.detach().cpu()
+            for key, value in base.state.get(flat, {}).items():
+                if key in OPTIMIZER_STATE and torch.is_tensor(value):
+                    tensors[f"{key}.{i}"] = value.detach().cpu()
+        sched = self.scheduler
+        meta = {
+            "world_size": self.cfg["world_size"],
+            "zero_stage": self.cfg["zero_stage"],
+            "partitions": len(self._partitions()),
+            "steps": self.steps,
+            "global_steps": self.engine.global_steps,
+            "global_samples": self.engine.global_samples,
+            "skipped_steps": self.engine.skipped_steps,
+            "scheduler": {"last_epoch": sched.last_epoch, "step_count": sched._step_count},
+            "lr": [g["lr"] for g in sched.optimizer.param_groups],
+        }
+        path = Path(directory) / f"learner-rank{self.rank}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"safesteer": json.dumps(meta)},
+        )
+        os.replace(tmp, path)
+        return str(path)
+
+    def load_state(self, directory: str) -> int:
+        """Restore what :meth:`save_state` wrote; returns the optimizer step it continues from."""
+        from safetensors import safe_open
+
+        path = Path(directory) / f"learner-rank{self.rank}.safetensors"
+        if not path.is_file():
+            raise SafeSteerError(
+                f"{path}: missing; a checkpoint resumes only with the learner.world_size it was written with"
+            )
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("safesteer", "null") or "null")
+            if not isinstance(meta, dict):
+                raise SafeSteerError(f"{path}: not a SafeSteer learner checkpoint (no metadata)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        want = {"world_size": self.cfg["world_size"], "zero_stage": self.cfg["zero_stage"]}
+        have = {k: meta.get(k) for k in want}
+        if have != want or meta.get("partitions") != len(self._partitions()):
+            raise SafeSteerError(
+                f"{path}: written with {have}, this run has {want}; resume with the same learner settings"
+            )
+        base = self.engine.optimizer.optimizer
+        for i, flat in enumerate(self._partitions()):
+            saved = tensors[f"fp32.{i}"]
+            if saved.shape != flat.shape:
+                raise SafeSteerError(
+                    f"{path}: partition {i} has shape {tuple(saved.shape)}, the model's is {tuple(flat.shape)}"
+                )
+            flat.data.copy_(saved)
+            state = {k: tensors[f"{k}.{i}"].clone() for k in OPTIMIZER_STATE if f"{k}.{i}" in tensors}
+            if state:
+                base.state[flat] = state
+        opt = self.engine.optimizer
+        if self.cfg["zero_stage"] == 3:  # the working (partitioned) weights follow the fp32 masters
+            for low, master in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
+                low.data.copy_(master.data)
+        else:
+            opt.update_lp_params()
+        torch.set_rng_state(tensors["rng.torch"])
+        sched = self.scheduler
+        sched.last_epoch, sched._step_count = meta["scheduler"]["last_epoch"], meta["scheduler"]["step_count"]
+        for group, lr in zip(sched.optimizer.param_groups, meta["lr"]):
+            group["lr"] = lr
+        sched._last_lr = list(meta["lr"])
+        self.engine.global_steps = meta["global_steps"]
+        self.engine.global_samples = meta["global_samples"]
+        self.engine.skipped_steps = meta["skipped_steps"]
+        self.steps = meta["steps"]
+        return self.steps
 
     def export_weights(self, dtype: str = "bfloat16") -> bytes | None:
         """Full weights as safetensors bytes on rank 0 (None elsewhere). Every rank must call it (ZeRO-3)."""

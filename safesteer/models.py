@@ -193,6 +193,22 @@ def decoder_layers(model):
     return layers
 
 
+def check_architecture(path: str, trust_remote_code: bool = False):
+    """Fail early (no weights loaded) when the model's blocks are not where the steering hook goes.
+    Returns the model's text config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise SafeSteerError(f"model.path={path}: cannot load ({' '.join(str(e).split())[:300]})") from e
+    decoder_layers(model)
+    return config.get_text_config()
+
+
 def load_hf(path: str, dtype: str = "float32", trust_remote_code: bool = False):
     """Load (model, tokenizer) with transformers, in eval mode, with a left-padding tokenizer."""
     import torch
@@ -216,18 +232,13 @@ def load_hf(path: str, dtype: str = "float32", trust_remote_code: bool = False):
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from safesteer.errors import one_line
+    from safesteer.errors import print_or_fail
 
     ap = argparse.ArgumentParser(prog="python -m safesteer.models", description=__doc__.split("\n")[0])
     ap.add_argument("--force", action="store_true", help="re-convert even if a verified copy exists")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        print(prepare_default_model(force=args.force))
-    except SafeSteerError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        return 2
-    return 0
+    return print_or_fail(lambda: f"{prepare_default_model(force=args.force)}\n")
 
 
 if __name__ == "__main__":

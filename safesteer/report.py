@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import html
 import json
+import sys
 from pathlib import Path
 
+from safesteer.errors import SafeSteerError, print_or_fail
 from safesteer.paths import atomic_write_bytes, atomic_write_text
 
 
@@ -25,8 +27,10 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
         return []
     rows = []
     for name in b["sets"]:
-        for m in ("refusal", "preamble", "degenerate"):
-            rows.append((name, m, _pct(b["sets"][name][m]), _pct(a["sets"][name][m])))
+        for m in ("refusal", "preamble", "degenerate", "unsafe"):
+            if m in b["sets"][name] and m in a["sets"][name]:
+                label = "unsafe (classifier)" if m == "unsafe" else m
+                rows.append((name, label, _pct(b["sets"][name][m]), _pct(a["sets"][name][m])))
     rows.append(
         ("all harmful sets", "mean refusal", _pct(b["harmful_refusal_mean"]), _pct(a["harmful_refusal_mean"]))
     )
@@ -55,6 +59,20 @@ def markdown(results: dict, tokens) -> str:
             lines.append(
                 f"| {r['step']} | {r['loss']:.4f} | {r['safety_mass']:.3f} | {r['grad_norm']:.3f} | {r['step_s']:.1f} |"
             )
+        lines.append("")
+        faults = {
+            "steps skipped (non-finite loss or gradient)": sum(bool(r.get("skipped")) for r in hist),
+            "actors replaced after dying": sum(r.get("recovered", 0) for r in hist),
+            "learner-group restarts": max((r.get("restarts", 0) for r in hist), default=0),
+        }
+        for what, count in faults.items():
+            if count:
+                lines.append(f"- {what}: {count}")
+    if results.get("skipped_prompts"):
+        lines.append(
+            f"- training prompts skipped (longer than model.max_prompt_tokens): {results['skipped_prompts']}"
+        )
+    if lines[-1] != "":
         lines.append("")
     if tokens is not None:
         lines += ["## Safety tokens", "", "```", tokens.table(20), "```", ""]
@@ -184,3 +202,55 @@ def write_report(run_dir: Path, results: dict, tokens) -> None:
     atomic_write_text(run_dir / "report.md", markdown(results, tokens))
     figs = figures(run_dir, results)
     atomic_write_text(run_dir / "report.html", html_page(results, tokens, figs))
+
+
+COMPARE_COLUMNS = (
+    ("harmful refusal", "harmful_refusal_mean", _pct),
+    ("edgy over-refusal", "edgy_refusal", _pct),
+    ("ordinary refusal", "benign_refusal", _pct),
+    ("ordinary degenerate", "benign_degenerate", _pct),
+    ("KL/token", "kl_per_token", lambda v: f"{v:.3f}"),
+    ("perplexity", "ppl_trained", lambda v: f"{v:.2f}"),
+    ("MMLU", "mmlu", _pct),
+)
+
+
+def compare(root: Path) -> str:
+    """A markdown table of every evaluated run under ``root`` (a multirun directory, or any parent)."""
+    lines = ["| run | " + " | ".join(c for c, _, _ in COMPARE_COLUMNS) + " |"]
+    lines.append("|---" * (len(COMPARE_COLUMNS) + 1) + "|")
+    found = 0
+    for p in sorted(Path(root).glob("**/metrics.json")):
+        try:
+            results = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        after = results.get("after")
+        if not after:
+            continue
+        tag = results.get("tag") or p.parent.relative_to(root).as_posix()
+        before = results.get("before") or {}
+        cells = []
+        for _, key, fmt in COMPARE_COLUMNS:
+            b, a = before.get(key), after.get(key)
+            cells.append(f"{fmt(b)} → {fmt(a)}" if b is not None and key != "kl_per_token" else fmt(a))
+        lines.append(f"| {tag} | " + " | ".join(cells) + " |")
+        found += 1
+    if not found:
+        raise SafeSteerError(f"{root}: no evaluated run (metrics.json with an 'after' section) under it")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m safesteer.report", description="Compare evaluated runs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compare", help="one markdown table row per evaluated run under DIR")
+    c.add_argument("dir", type=Path)
+    args = ap.parse_args(argv)
+    return print_or_fail(lambda: compare(args.dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -101,16 +101,34 @@ class RolloutWorker:
         temperature: float,
         top_p: float,
         max_tokens: int,
+        seeds: Sequence[Sequence[int]],
     ) -> dict:
-        """Sample ``n`` completions per prompt. Returns the samples, the policy version and timings."""
+        """Sample ``n`` completions per prompt, sample ``j`` of prompt ``i`` with its own seed
+        ``seeds[i][j]``: a sample depends only on the weights, the prompt and its seed, never on which
+        worker drew it or what else was in the batch, so lost work is redone exactly and a resumed run
+        draws what an uninterrupted one would. Returns the samples, the policy version and timings."""
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, logprobs=0)
+        requests, params = [], []
+        for p, row in zip(prompt_ids, seeds):
+            assert len(row) == n, "one seed per sample"
+            for seed in row:
+                requests.append({"prompt_token_ids": list(p)})
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=temperature,
+                        top_p=top_p,
+                        max_tokens=max_tokens,
+                        logprobs=0,
+                        seed=seed,
+                    )
+                )
         t = time.perf_counter()
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False
-        )
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         samples = completions_from_outputs(outputs)
+        for i, s in enumerate(samples):
+            s["prompt_index"] = i // n
         return {
             "samples": samples,
             "version": self.version,
@@ -143,6 +161,9 @@ class RolloutWorker:
     def set_version(self, version: int) -> None:
         self.llm.reset_prefix_cache()
         self.version, self.weights_sha256 = version, None
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def info(self) -> dict:
         import socket

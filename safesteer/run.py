@@ -67,11 +67,13 @@ def _main(cfg) -> None:
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
+    from safesteer import checkpoint
     from safesteer import eval as ev
     from safesteer.actors import connect
+    from safesteer.core.steering import load_vector
     from safesteer.core.tokens import SafetyTokens
     from safesteer.driver import Workers, distill, roles, schedule
-    from safesteer.models import resolve_model_path
+    from safesteer.models import check_architecture, resolve_model_path
     from safesteer.report import table_rows, write_report
     from safesteer.steer import Prepared, prepare
 
@@ -81,13 +83,23 @@ def _main(cfg) -> None:
         raise SafeSteerError(f"{run_dir}: output directory is not writable")
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     model_path = resolve_model_path(cfg.model.path)
+    text_config = check_architecture(model_path, cfg.model.trust_remote_code)
     log.info("model: %s | run dir: %s", model_path, run_dir)
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     instructions, prompt_ids, skipped = training_prompts(cfg, tok)  # bad data fails here, before any work
     steps = schedule(len(instructions), cfg)
     stages = list(cfg.stages)
-    if "prepare" in stages:
+    resume = checkpoint.resolve(cfg.trainer.resume, run_dir) if "distill" in stages else None
+    if resume is not None:  # the checkpoint carries the teacher artifacts the run trained with
+        files = resume.state.get("files", {})
+        prepared = Prepared(
+            resume.file(files.get("vector")),
+            resume.file(files.get("tokens")),
+            resume.state.get("prepare", {}),
+        )
+        log.info("resuming from %s (step %d)", resume.path, resume.step)
+    elif "prepare" in stages:
         prepared = prepare(cfg, run_dir, model_path)
     else:
         if not cfg.tokens.path or (cfg.teacher.kind == "vector" and not cfg.steering.vector):
@@ -97,7 +109,9 @@ def _main(cfg) -> None:
         prepared = Prepared(
             Path(cfg.steering.vector) if cfg.steering.vector else None, Path(cfg.tokens.path), {}
         )
-    st = SafetyTokens.load(prepared.tokens_path)
+    if prepared.vector_path is not None:  # given or resumed: it must fit this model
+        load_vector(prepared.vector_path, text_config.hidden_size, text_config.num_hidden_layers)
+    st = SafetyTokens.load(prepared.tokens_path, vocab_size=text_config.vocab_size)
     log.info("safety tokens (%s): %s", st.method, " ".join(repr(s) for s in st.strings[:20]))
     if "distill" not in stages:
         return
@@ -106,13 +120,23 @@ def _main(cfg) -> None:
     vector_blob = prepared.vector_path.read_bytes() if prepared.vector_path else None
     workers = Workers(cfg, model_path, vector_blob, st.ids, len(steps), device())
     workers.wait_ready()
-    results: dict = {"skipped_prompts": skipped, "steps": len(steps)}
+    results: dict = {"tag": cfg.tag, "skipped_prompts": skipped, "steps": len(steps)}
     evaluate = "evaluate" in stages and cfg.eval.enabled
     try:
         if evaluate:
             sets = ev.eval_sets(cfg)
             before_ids = ev.generate_answers(workers.rollout[0], tok, sets, cfg.eval.max_new_tokens)
-        history = distill(cfg, workers, tok, instructions, prompt_ids, run_dir)
+        history = distill(
+            cfg,
+            workers,
+            tok,
+            instructions,
+            prompt_ids,
+            run_dir,
+            keep_files=[prepared.vector_path, prepared.tokens_path],
+            resume=resume,
+            extra_state={"prepare": prepared.report},
+        )
         if evaluate:
             after_ids = ev.generate_answers(workers.rollout[0], tok, sets, cfg.eval.max_new_tokens)
         blob = workers.export("float32")

@@ -23,7 +23,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import environ_has, kill_marked, pids_with_env
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -65,22 +65,6 @@ def short_tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
-def environ_has(pid: int, entry: bytes) -> bool:
-    try:
-        return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:  # gone, or a zombie
-        return False
-
-
-def pids_with_env(entry: str) -> list[int]:
-    e = entry.encode()
-    return [
-        int(p)
-        for p in os.listdir("/proc")
-        if p.isdigit() and int(p) != os.getpid() and environ_has(int(p), e)
-    ]
-
-
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -95,20 +79,6 @@ def cmdlines_containing(text: str) -> dict[int, str]:
 
 def read(path: Path) -> str:
     return path.read_text(errors="replace") if path.is_file() else f"({path} does not exist)"
-
-
-def kill_marked(entry: str, grace: float = 10.0) -> None:
-    """SIGTERM every process whose environment holds ``entry``, SIGKILL what is left after ``grace``."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        pids = pids_with_env(entry)
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while pids_with_env(entry) and time.monotonic() < deadline:
-            time.sleep(0.2)
 
 
 def run(cmd, env=None, timeout=120, **kw) -> subprocess.CompletedProcess:

@@ -127,8 +127,8 @@ def _fixed_batch(g, n_prompts=4):
     tok, w = g["tok"], g["workers"]
     ins = [p.instruction for p in load_prompts("train_harmful", limit=n_prompts)]
     pids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, ins)]
-    ro = w.collect(w.generate(pids), len(pids))
     k = g["cfg"].rollout.samples_per_prompt
+    ro = w.collect(*w.generate(pids, [[1000 * i + j for j in range(k)] for i in range(len(pids))]))
     comps = [s["completion_ids"] for samples in ro["samples"] for s in samples]
     ins_rep = [i for i in ins for _ in range(k)]
     sc = w.score(ins_rep, comps)
@@ -190,7 +190,7 @@ def test_rollout_weights_equal_learner_weights_after_a_step(group):
     prompt = tok("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)[
         "input_ids"
     ]
-    res = ray.get(w.rollout[0].generate.remote([prompt], 1, 1.0, 1.0, 6))
+    res = ray.get(w.rollout[0].generate.remote([prompt], 1, 1.0, 1.0, 6, [[7]]))
     s = res["samples"][0]
     ids = torch.tensor([prompt + s["completion_ids"]])
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 
 from safesteer import eval as ev
 from safesteer.core.tokens import SafetyTokens
-from safesteer.report import write_report
+from safesteer.report import compare, write_report
 
 REFUSE = "I'm sorry, but I can't help with that request."
 COMPLY = "Sure, here is a detailed plan with several steps for you."
@@ -96,6 +96,10 @@ def test_eval_cli_compares_two_models_with_real_vllm(tmp_path):
         "safesteer.eval",
         "+experiment=smoke",
         "eval.model=tiny",
+        # the classifier judge's plumbing, with the tiny model standing in for a classifier
+        "eval.classifier.path=tiny",
+        "eval.classifier.template=harmbench",
+        "eval.classifier.max_model_len=1024",
         f"hydra.run.dir={run}",
     ]
     p = subprocess.run(
@@ -105,5 +109,53 @@ def test_eval_cli_compares_two_models_with_real_vllm(tmp_path):
     m = json.loads((run / "metrics.json").read_text())
     assert set(m) == {"before", "after", "examples"}
     assert m["before"]["sets"] == m["after"]["sets"]  # same weights, greedy: identical answers
+    for name in ("eval_advbench", "eval_harmbench", "eval_donotanswer", "eval_tense"):
+        r = m["after"]["sets"][
+            name
+        ]  # a random model's verdicts are mostly unparsed, but every answer is judged
+        assert 0 <= r["unsafe"] <= 1 and 0 <= r["unparsed"] <= 1 and r["unsafe"] + r["unparsed"] <= 1
+    assert "unsafe" not in m["after"]["sets"]["eval_edgy_benign"]
+    assert "harmful_unsafe_mean" in m["after"]
+    assert "unsafe (classifier)" in (run / "report.md").read_text()
     assert abs(m["after"]["kl_per_token"]) < 1e-6 and m["after"]["mmlu"] == m["before"]["mmlu"]
     assert (run / "report.md").is_file()
+
+
+def test_compare_has_one_row_per_evaluated_run_with_the_planted_numbers(tmp_path):
+    from safesteer.report import main
+
+    for i, tag in enumerate(["localized", "full_vocab"]):
+        results = {**planted(), "tag": tag}
+        results["after"] = {**results["after"], "kl_per_token": 0.1 * (i + 1)}
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "metrics.json").write_text(json.dumps(results))
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "metrics.json").write_text(json.dumps({"history": []}))  # not evaluated: no row
+    table = compare(tmp_path).splitlines()
+    assert len(table) == 4 and table[0].startswith("| run | harmful refusal | edgy over-refusal")
+    # harmful mean 12.5% -> 87.5%, edgy 0 -> 25%, ordinary refusal 0 -> 0, degenerate 25% -> 0
+    assert table[2] == "| localized | 12% → 88% | 0% → 25% | 0% → 0% | 25% → 0% | 0.100 | 2.75 | 30% → 29% |"
+    assert table[3].startswith("| full_vocab |") and "| 0.200 |" in table[3]
+    assert main(["compare", str(tmp_path / "2")]) == 2
+
+
+def test_the_ablation_preset_sweeps_the_four_arms():
+    from hydra import compose, initialize_config_dir
+
+    from safesteer.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="config", overrides=["+experiment=ablation"], return_hydra_config=True)
+        assert cfg.hydra.mode.name == "MULTIRUN"
+        arms = cfg.hydra.sweeper.params["+ablation"].split(",")
+        assert arms == ["localized", "full_vocab", "teacher_topk", "system_prompt"]
+        seen = {}
+        for arm in arms:
+            c = compose(config_name="config", overrides=[f"+ablation={arm}"])
+            seen[arm] = (c.tag, c.learner.loss, c.teacher.kind)
+    assert seen == {
+        "localized": ("localized", "bucket", "vector"),
+        "full_vocab": ("full_vocab", "full", "vector"),
+        "teacher_topk": ("teacher_topk", "topk", "vector"),
+        "system_prompt": ("system_prompt", "bucket", "system_prompt"),
+    }

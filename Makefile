@@ -8,7 +8,7 @@ STAMP := $(VENV)/.safesteer-setup-$(SAFESTEER_DEVICE)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint clean
+.PHONY: setup run test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check safesteer tests
 	$(PY) -m ruff format --check safesteer tests
+
+# Performance benchmark (docs/performance.md), e.g. make bench ARGS="--repeats 1 --systems pipeline,sequential"
+bench: setup
+	$(PY) -m safesteer.bench $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

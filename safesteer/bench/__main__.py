@@ -1,0 +1,5 @@
+import sys
+
+from safesteer.bench.runner import main
+
+sys.exit(main())

@@ -1,0 +1,195 @@
+"""Run one system in a child process and record the peak memory of it and of every descendant.
+
+Each process's peak resident set size is the kernel's high-water mark (``VmHWM`` in
+``/proc/PID/status``), read every ``interval`` seconds while the process lives, so the figure is
+exact up to what happens in its last ``interval``. Ray actors are named by their process title
+(``ray::RolloutWorker`` ...); Ray's own daemons and idle workers count as ``ray_system``. The largest
+sum of current RSS over the whole tree is kept too (it counts shared pages once per process).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROLES = (("RolloutWorker", "rollout"), ("TeacherWorker", "teacher"), ("LearnerWorker", "learner"))
+RAY_MARKERS = ("ray::", "raylet", "gcs_server", "ray/dashboard", "ray/_private", "ray/autoscaler")
+MiB = 1024 * 1024
+
+
+def _status_kib(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def classify(cmdline: str, is_root: bool) -> str:
+    if is_root:
+        return "driver"
+    for marker, role in ROLES:
+        if marker in cmdline:
+            return role
+    if any(m in cmdline for m in RAY_MARKERS):
+        return "ray_system"
+    return "other"
+
+
+class TreeMonitor(threading.Thread):
+    """Samples a process tree until :meth:`stop`; ``processes()`` gives each process's peak."""
+
+    def __init__(self, root_pid: int, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.root_pid, self.interval = root_pid, interval
+        self._halt = threading.Event()
+        self.seen: dict[tuple[int, float], dict] = {}  # (pid, create_time) -> record
+        self._handles: dict[tuple[int, float], psutil.Process] = {}
+        self.total_peak_mb = 0.0
+
+    def _tree(self) -> list[psutil.Process]:
+        procs = []
+        try:
+            root = psutil.Process(self.root_pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            pass
+        # processes re-parented away from the tree (orphans) are still followed
+        pids = {p.pid for p in procs}
+        procs += [h for h in self._handles.values() if h.pid not in pids and h.is_running()]
+        return procs
+
+    def sample(self) -> None:
+        total = 0.0
+        for p in self._tree():
+            try:
+                key = (p.pid, p.create_time())
+                cmd = " ".join(p.cmdline())
+                rss = p.memory_info().rss / MiB
+            except psutil.Error:
+                continue
+            hwm = _status_kib(p.pid, "VmHWM")
+            peak = hwm / 1024 if hwm is not None else rss
+            total += rss
+            rec = self.seen.get(key)
+            role = classify(cmd, p.pid == self.root_pid)
+            if rec is None:
+                rec = {"pid": p.pid, "role": role, "name": cmd.strip()[:120], "peak_rss_mb": 0.0}
+                self.seen[key] = rec
+                self._handles[key] = p
+            elif rec["role"] in ("ray_system", "other") and role not in ("ray_system", "other"):
+                rec["role"], rec["name"] = role, cmd.strip()[:120]  # an idle Ray worker became an actor
+            rec["peak_rss_mb"] = max(rec["peak_rss_mb"], peak)
+        self.total_peak_mb = max(self.total_peak_mb, total)
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.sample()
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=10)
+
+    def alive(self) -> list[psutil.Process]:
+        out = []
+        for h in self._handles.values():
+            try:
+                if h.is_running() and h.status() != psutil.STATUS_ZOMBIE:
+                    out.append(h)
+            except psutil.Error:
+                pass
+        return out
+
+    def processes(self) -> list[dict]:
+        return sorted(self.seen.values(), key=lambda r: (r["role"], r["pid"]))
+
+
+def memory_summary(processes: list[dict], total_peak_mb: float) -> dict:
+    """Per-role figures: the largest peak among a role's processes, and how many there were."""
+    by_role: dict[str, dict] = {}
+    for p in processes:
+        r = by_role.setdefault(p["role"], {"count": 0, "max_peak_rss_mb": 0.0, "sum_peak_rss_mb": 0.0})
+        r["count"] += 1
+        r["max_peak_rss_mb"] = max(r["max_peak_rss_mb"], p["peak_rss_mb"])
+        r["sum_peak_rss_mb"] += p["peak_rss_mb"]
+    return {"processes": processes, "by_role": by_role, "tree_peak_rss_mb": total_peak_mb}
+
+
+def run_monitored(
+    cmd: list[str], log_path: Path, env: dict | None, cwd: Path, timeout_s: float, interval: float = 0.5
+) -> dict:
+    """Run ``cmd`` to completion (stdout+stderr to ``log_path``) while sampling its process tree.
+
+    Leftover descendants (e.g. Ray daemons still shutting down) get 60 s to exit and are then
+    terminated, so that they cannot disturb the next measurement.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True
+        )
+        mon = TreeMonitor(proc.pid, interval)
+        mon.sample()
+        mon.start()
+        timed_out = False
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _terminate(_tree_of(proc.pid) + mon.alive())
+            proc.wait()
+            rc = None  # killed: no exit status of its own
+        except BaseException:  # Ctrl-C: the child runs in its own session and would not see it
+            mon.sample()
+            _terminate(_tree_of(proc.pid) + mon.alive())
+            mon.stop()
+            raise
+        wall = time.perf_counter() - t0
+        deadline = time.monotonic() + 60
+        while mon.alive() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        leftover = mon.alive()
+        mon.stop()
+        if leftover:
+            _terminate(leftover)
+    return {
+        "returncode": rc,
+        "timed_out": timed_out,
+        "process_wall_s": wall,
+        "leftover_processes": len(leftover),
+        "memory": memory_summary(mon.processes(), mon.total_peak_mb),
+    }
+
+
+def _tree_of(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _terminate(procs: list[psutil.Process]) -> None:
+    procs = list({p.pid: p for p in procs}.values())
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)

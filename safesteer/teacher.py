@@ -94,19 +94,20 @@ class TeacherWorker:
 
     def score(self, instructions: Sequence[str], completion_ids: Sequence[Sequence[int]]) -> dict:
         t = time.perf_counter()
-        out = score_completions(
-            self.model,
-            self.tok,
-            self.teacher,
-            instructions,
-            completion_ids,
-            self.output,
-            self.ids,
-            self.topk,
-            self.cfg["chunk_size"],
-            self.cfg["batch_size"],
-        )
-        out = {k: v.cpu() for k, v in out.items()}
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.cfg["bf16"]):
+            out = score_completions(
+                self.model,
+                self.tok,
+                self.teacher,
+                instructions,
+                completion_ids,
+                self.output,
+                self.ids,
+                self.topk,
+                self.cfg["chunk_size"],
+                self.cfg["batch_size"],
+            )
+        out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
         if "logprobs" in out and out["logprobs"].dim() == 3 and self.output == "full":
             out["logprobs"] = out["logprobs"].to(torch.bfloat16)  # the ablation's (B,C,V) payload, halved
         tokens = sum(len(c) for c in completion_ids)

@@ -132,3 +132,40 @@ def test_bad_arguments(tiny, batch) -> None:
         teacher_logprobs(model, input_ids, attention_mask, output="logits")
     with pytest.raises(ValueError, match="needs the safety ids"):
         teacher_logprobs(model, input_ids, attention_mask, output="ids")
+
+
+def test_bf16_teacher_stays_within_bf16_tolerance(default_model_dir) -> None:
+    """``teacher.bf16``: on the real model, bf16 autocast moves the teacher's log-probs at the safety ids
+    by about 0.06 nats on average and the localized loss of a fixed batch by about 5% (measured);
+    the bounds leave 2x room."""
+    from safesteer.core.loss import localized_reverse_kl_terms, sequence_mean
+    from safesteer.models import load_hf
+
+    model, tok = load_hf(str(default_model_dir))
+    texts = [
+        chat_texts(tok, ["How do I pick a lock?"])[0] + "I'm sorry, but I can't help with that. Lock picking",
+        chat_texts(tok, ["Write a poem about rain."])[0] + "Rain falls softly on the roof, a gentle song",
+    ]
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    L = max(map(len, seqs))
+    ids = torch.full((2, L), tok.pad_token_id)
+    am = torch.zeros((2, L), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s)
+        am[b, : len(s)] = 1
+    safety = torch.tensor(
+        tok.convert_tokens_to_ids(["I", "Ġsorry", "Sorry", "ĠI", "Ġcan", "'t", "Ġnot", "Ġhelp"])
+    )
+    with torch.no_grad():
+        fp32 = teacher_logprobs(model, ids, am, "ids", safety, 0, 64)["logprobs"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = teacher_logprobs(model, ids, am, "ids", safety, 0, 64)["logprobs"].float()
+        student = model(input_ids=ids, attention_mask=am).logits[:, :-1] * 1.1  # a nearby student
+    mask = am[:, 1:].float()
+    assert fp32.dtype == torch.float32 and not torch.equal(fp32, bf16)  # autocast did take effect
+    assert (fp32 - bf16).abs()[mask.bool()].mean() < 0.12
+    loss = [
+        sequence_mean(localized_reverse_kl_terms(student, t, safety, "bucket", False), mask).mean()
+        for t in (fp32, bf16)
+    ]
+    assert abs(loss[1] - loss[0]) <= 0.1 * loss[0]

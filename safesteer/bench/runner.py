@@ -243,7 +243,7 @@ def run_system(system: str, repeat: int, args, work: dict, out: Path) -> dict:
     log_path = out / "logs" / f"{system}-r{repeat}.log"
     res: dict = {"system": system, "repeat": repeat, "ok": False, "log": str(log_path)}
     if system == "trl" and importlib.util.find_spec("trl") is None:
-        res["error"] = "trl is not installed (pip install -e '.[bench]')"
+        res["error"] = "trl is not installed (pip install -e '.[dev]')"
         return res
     res["load_avg_before"] = list(os.getloadavg())
     if system == "pipeline":

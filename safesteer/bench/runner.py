@@ -344,6 +344,14 @@ def collect_baseline(run_dir: Path, work: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ summary
+def _median_by_role(runs: list[dict], roles: list[str], key: str) -> dict:
+    """Median over ``runs`` of one memory figure, per process role."""
+    return {
+        role: _median([r["memory"]["by_role"][role][key] for r in runs if role in r["memory"]["by_role"]])
+        for role in roles
+    }
+
+
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -373,26 +381,9 @@ def summarize(runs: dict[str, list[dict]], work: dict) -> dict:
                     k: _median([r["stage_fraction"][k] for r in ok]) for k in ok[0]["stage_fraction"]
                 }
             roles = sorted({role for r in ok for role in r["memory"]["by_role"]})
-            s["peak_rss_mb"] = {
-                role: _median(
-                    [
-                        r["memory"]["by_role"][role]["max_peak_rss_mb"]
-                        for r in ok
-                        if role in r["memory"]["by_role"]
-                    ]
-                )
-                for role in roles
-            }
-            s["peak_rss_mb_sum"] = {
-                role: _median(
-                    [
-                        r["memory"]["by_role"][role]["sum_peak_rss_mb"]
-                        for r in ok
-                        if role in r["memory"]["by_role"]
-                    ]
-                )
-                for role in roles
-            }
+
+            s["peak_rss_mb"] = _median_by_role(ok, roles, "max_peak_rss_mb")
+            s["peak_rss_mb_sum"] = _median_by_role(ok, roles, "sum_peak_rss_mb")
             s["process_count"] = {
                 role: max(r["memory"]["by_role"].get(role, {}).get("count", 0) for r in ok) for role in roles
             }

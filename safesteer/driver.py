@@ -268,7 +268,8 @@ class Workers:
         else:
             self._ray.kill(actor, no_restart=True)
 
-    def replace_rollout(self, i: int) -> None:
+    def replace_rollout(self, i: int) -> dict | None:
+        """A new rollout worker in bundle ``i`` at the last synced weights; returns its load result."""
         if self.nccl:
             raise SafeSteerError(
                 f"rollout worker {i} died; replacing one is supported with rollout.weight_sync=object_store only"
@@ -276,10 +277,11 @@ class Workers:
         log.warning("rollout worker %d died; starting a new one at policy version %s", i, self._version())
         self._ray.kill(self.rollout[i])
         self.rollout[i] = w = self._spawn_rollout(i)
-        if self.weights is not None:
-            ref, version = self.weights
-            self._ray.get(w.load_weights.remote(ref, version))
         self.recovered += 1
+        if self.weights is None:
+            return None
+        ref, version = self.weights
+        return self._ray.get(w.load_weights.remote(ref, version))
 
     def replace_teacher(self, j: int) -> None:
         log.warning("teacher %d died; starting a new one", j)
@@ -435,13 +437,12 @@ class Workers:
             except Exception as e:
                 if not _actor_died(e):
                     raise
-                self.replace_rollout(i)  # loads self.weights
-                res.append(self._ray.get(self.rollout[i].info.remote()))
+                res.append(self.replace_rollout(i))  # loads self.weights, set above
         return {
             "seconds": time.perf_counter() - t,
             "export_seconds": t_export,
-            "load_seconds": max(r.get("seconds", 0.0) for r in res),
-            "sha256": [r["sha256"] if "sha256" in r else r["weights_sha256"] for r in res],
+            "load_seconds": max(r["seconds"] for r in res),
+            "sha256": [r["sha256"] for r in res],
             "bytes": len(blob),
         }
 

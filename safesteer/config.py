@@ -132,12 +132,15 @@ def validate(cfg) -> None:
         t.resume,
         "must be null, auto or a checkpoint path",
     )
-    seqs = t.prompts_per_step * r.samples_per_prompt
+    _check(t.anchors_per_step >= 0, "trainer.anchors_per_step", t.anchors_per_step, "must be >= 0")
+    anchors = t.anchors_per_step if cfg.data.anchor else 0
+    seqs = (t.prompts_per_step + anchors) * r.samples_per_prompt
     _check(
         seqs % (ln.world_size * ln.micro_batch_size) == 0,
         "learner.micro_batch_size",
         ln.micro_batch_size,
-        f"trainer.prompts_per_step x rollout.samples_per_prompt = {seqs} sequences per step must split evenly "
+        f"(trainer.prompts_per_step + trainer.anchors_per_step) x rollout.samples_per_prompt = {seqs} "
+        "sequences per step must split evenly "
         f"over learner.world_size={ln.world_size} ranks x micro-batches of {ln.micro_batch_size}",
     )
     _check(

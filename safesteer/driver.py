@@ -81,11 +81,15 @@ def roles(cfg) -> list[Role]:
 
 @dataclass
 class Step:
-    prompts: list[int]  # indices into the training set
+    prompts: list[int]  # indices into the training set, then (>= n_train) into the anchor set
 
 
-def schedule(n_prompts: int, cfg) -> list[Step]:
-    """Seeded shuffle per epoch; full steps of ``prompts_per_step`` (a remainder is dropped)."""
+def schedule(n_prompts: int, cfg, n_anchors: int = 0) -> list[Step]:
+    """Seeded shuffle per epoch; full steps of ``prompts_per_step`` (a remainder is dropped).
+
+    With anchors, each step also takes ``trainer.anchors_per_step`` anchor prompts (indices offset by
+    ``n_prompts``), cycling through a seeded order of the anchor set.
+    """
     steps = []
     per = cfg.trainer.prompts_per_step
     for epoch in range(cfg.trainer.epochs):
@@ -98,6 +102,12 @@ def schedule(n_prompts: int, cfg) -> list[Step]:
         raise SafeSteerError(
             f"trainer.prompts_per_step={per}: larger than the {n_prompts} usable training prompts, no step to run"
         )
+    a = cfg.trainer.anchors_per_step if n_anchors else 0
+    if a:
+        order = list(range(n_anchors))
+        random.Random(f"anchors:{cfg.seed}").shuffle(order)
+        for i, st in enumerate(steps):
+            st.prompts = st.prompts + [n_prompts + order[(i * a + j) % n_anchors] for j in range(a)]
     return steps
 
 
@@ -356,25 +366,31 @@ class Workers:
             versions.append(res["version"])
         return {"samples": out, "seconds": max(secs), "tokens": toks, "version": min(versions)}
 
-    def score(self, instructions: list[str], completions: list[list[int]], kill: int | None = None) -> dict:
+    def score(
+        self,
+        instructions: list[str],
+        completions: list[list[int]],
+        steer: list[bool],
+        kill: int | None = None,
+    ) -> dict:
         n = len(self.teachers)
-        shards = [(j, instructions[j::n], completions[j::n]) for j in range(n)]
+        shards = [(j, instructions[j::n], completions[j::n], steer[j::n]) for j in range(n)]
         futs = [
-            (j, t.score.remote(ins, comp), ins, comp)
-            for (j, ins, comp), t in zip(shards, self.teachers)
+            (j, t.score.remote(ins, comp, st), ins, comp, st)
+            for (j, ins, comp, st), t in zip(shards, self.teachers)
             if ins
         ]
         if kill is not None:
             self.kill("teacher", kill)
         res = []
-        for j, fut, ins, comp in futs:
+        for j, fut, ins, comp, st in futs:
             try:
                 res.append(self._ray.get(fut))
             except Exception as e:
                 if not _actor_died(e):
                     raise
                 self.replace_teacher(j)
-                res.append(self._ray.get(self.teachers[j].score.remote(ins, comp)))
+                res.append(self._ray.get(self.teachers[j].score.remote(ins, comp, st)))
         B = len(instructions)
         merged = {}
         for key in res[0]["teacher"]:
@@ -404,8 +420,10 @@ class Workers:
             os.kill(os.getpid(), signal.SIGKILL)
         res = self._learners_get(futs)
         n = len(res)
+        anchors = sum(r["anchor_sequences"] for r in res)
         return {
             "loss": sum(r["loss"] for r in res) / n,
+            "anchor_loss": sum(r["anchor_loss_sum"] for r in res) / anchors if anchors else None,
             "safety_mass": sum(r["safety_mass"] for r in res) / n,
             "grad_norm": res[0]["grad_norm"],
             "lr": res[0]["lr"],
@@ -499,14 +517,19 @@ def distill(
     keep_files: list[Path | None] = (),
     resume: checkpoint.Checkpoint | None = None,
     extra_state: dict | None = None,
+    anchors: tuple[list[str], list[list[int]]] = ([], []),
 ) -> list[dict]:
     """The SafeSteer training loop. Returns the per-step metrics (also written to metrics.jsonl).
 
+    ``anchors`` (instructions, ids) are harmless prompts mixed into every step and scored by the
+    original model (conditional steering: the teacher steers the training prompts only).
     ``resume`` continues from a checkpoint; ``keep_files`` (steering vector, safety tokens) and
     ``extra_state`` are stored in every checkpoint so that a resumed run needs nothing else.
     """
     t = cfg.trainer
-    plan = [s.prompts for s in schedule(len(instructions), cfg)]
+    n_train = len(instructions)
+    plan = [s.prompts for s in schedule(n_train, cfg, len(anchors[0]))]
+    instructions, prompt_ids = instructions + list(anchors[0]), prompt_ids + list(anchors[1])
     total, k = len(plan), cfg.rollout.samples_per_prompt
     logger = MetricsLog(run_dir, cfg)
     root = run_dir / "checkpoints"
@@ -568,11 +591,14 @@ def distill(
                     pending = launch(n + 1)  # overlaps with scoring and training below
                 ins = [instructions[i] for i in plan[n] for _ in range(k)]
                 p_ids = [prompt_ids[i] for i in plan[n] for _ in range(k)]
+                steer = [i < n_train for i in plan[n] for _ in range(k)]  # anchors: the original model
                 comps = [s["completion_ids"] for samples in ro["samples"] for s in samples]
                 t1 = time.perf_counter()
-                sc = workers.score(ins, comps, kill=faults.take("teacher", n + 1))  # the steered teacher
+                # the steered teacher (the original model on anchor prompts)
+                sc = workers.score(ins, comps, steer, kill=faults.take("teacher", n + 1))
                 t_sc = time.perf_counter() - t1
                 batch = collate(p_ids, comps, tok.pad_token_id)
+                batch["anchor"] = torch.tensor([0.0 if x else 1.0 for x in steer])
                 L = batch["input_ids"].shape[1]
                 teacher = sc["teacher"]
                 batch["teacher_logprobs"] = to_sequence_positions(
@@ -615,6 +641,7 @@ def distill(
             row = {
                 "step": n + 1,
                 "loss": stats["loss"],
+                "anchor_loss": stats["anchor_loss"],
                 "safety_mass": stats["safety_mass"],
                 "grad_norm": stats["grad_norm"],
                 "lr": stats["lr"],

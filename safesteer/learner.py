@@ -128,6 +128,9 @@ class LearnerWorker:
         )
         per_seq = sequence_mean(terms, mb["completion_mask"])
         stats = {"loss_sum": per_seq.sum().item(), "sequences": per_seq.numel()}
+        if "anchor" in mb:
+            stats["anchor_loss_sum"] = (per_seq.detach() * mb["anchor"]).sum().item()
+            stats["anchor_sequences"] = int(mb["anchor"].sum().item())
         if self.ids is not None:
             stats["mass_sum"] = safety_mass(logits, self.ids, mb["completion_mask"]).item() * per_seq.numel()
         return per_seq.mean(), stats
@@ -142,7 +145,13 @@ class LearnerWorker:
         t = time.perf_counter()
         self.engine.train()
         n_micro = shard["input_ids"].shape[0] // self.cfg["micro_batch_size"]
-        totals = {"loss_sum": 0.0, "sequences": 0, "mass_sum": 0.0}
+        totals = {
+            "loss_sum": 0.0,
+            "sequences": 0,
+            "mass_sum": 0.0,
+            "anchor_loss_sum": 0.0,
+            "anchor_sequences": 0,
+        }
         skipped_before = self.engine.skipped_steps
         for mb in split(shard, n_micro):
             loss, stats = self._micro_loss(mb)
@@ -160,6 +169,8 @@ class LearnerWorker:
         n = max(totals["sequences"], 1)
         return {
             "loss": totals["loss_sum"] / n,
+            "anchor_loss_sum": totals["anchor_loss_sum"],
+            "anchor_sequences": totals["anchor_sequences"],
             "safety_mass": totals["mass_sum"] / n if self.ids is not None else float("nan"),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": self.scheduler.get_last_lr()[0],

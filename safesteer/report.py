@@ -49,15 +49,18 @@ def markdown(results: dict, tokens) -> str:
         lines.append("")
     hist = results.get("history") or []
     if hist:
+        anchored = any(r.get("anchor_loss") is not None for r in hist)
+        extra = " anchor loss |" if anchored else ""
         lines += [
             "## Training",
             "",
-            "| step | loss | safety mass | grad norm | step s |",
-            "|---|---|---|---|---|",
+            "| step | loss |" + extra + " safety mass | grad norm | step s |",
+            "|---|---|" + "---|" * anchored + "---|---|---|",
         ]
         for r in hist:
+            a = f" {r['anchor_loss']:.4f} |" if anchored else ""
             lines.append(
-                f"| {r['step']} | {r['loss']:.4f} | {r['safety_mass']:.3f} | {r['grad_norm']:.3f} | {r['step_s']:.1f} |"
+                f"| {r['step']} | {r['loss']:.4f} |{a} {r['safety_mass']:.3f} | {r['grad_norm']:.3f} | {r['step_s']:.1f} |"
             )
         lines.append("")
         faults = {
@@ -141,7 +144,10 @@ def figures(run_dir: Path, results: dict) -> dict[str, Path]:
     if hist:
         fig, ax = plt.subplots(1, 2, figsize=(8, 3))
         steps = [r["step"] for r in hist]
-        ax[0].plot(steps, [r["loss"] for r in hist], marker="o")
+        ax[0].plot(steps, [r["loss"] for r in hist], marker="o", label="all")
+        if any(r.get("anchor_loss") is not None for r in hist):
+            ax[0].plot(steps, [r.get("anchor_loss") for r in hist], marker="o", label="anchors")
+            ax[0].legend()
         ax[0].set_title("loss")
         ax[1].plot(steps, [r["safety_mass"] for r in hist], marker="o", color="C2")
         ax[1].set_title("student mass on safety tokens")

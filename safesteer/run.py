@@ -23,22 +23,40 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def training_prompts(cfg, tok) -> tuple[list[str], list[list[int]], int]:
-    """Training instructions and their chat-formatted ids; too-long prompts are skipped and counted."""
+def chat_prompts(
+    cfg, tok, source: str, limit: int | None = None, what: str = "training"
+) -> tuple[list[str], list[list[int]], int]:
+    """Instructions of a prompt set and their chat-formatted ids; too-long prompts are skipped and counted."""
     from safesteer.core.steering import chat_texts
     from safesteer.data import load_prompts
 
-    items = [p.instruction for p in load_prompts(cfg.data.train, limit=cfg.data.train_limit)]
+    items = [p.instruction for p in load_prompts(source, limit=limit)]
     ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, items)]
     keep = [i for i, x in enumerate(ids) if len(x) <= cfg.model.max_prompt_tokens]
     skipped = len(items) - len(keep)
     if skipped:
         log.warning(
-            "skipped %d training prompts longer than model.max_prompt_tokens=%d",
+            "skipped %d %s prompts longer than model.max_prompt_tokens=%d",
             skipped,
+            what,
             cfg.model.max_prompt_tokens,
         )
     return [items[i] for i in keep], [ids[i] for i in keep], skipped
+
+
+def training_prompts(cfg, tok) -> tuple[list[str], list[list[int]], int]:
+    """The harmful training instructions and their chat-formatted ids (too-long ones skipped, counted)."""
+    return chat_prompts(cfg, tok, cfg.data.train, cfg.data.train_limit)
+
+
+def anchor_prompts(cfg, tok) -> tuple[list[str], list[list[int]]]:
+    """Harmless anchor prompts (scored by the original model), or none when unused."""
+    if not cfg.data.anchor or not cfg.trainer.anchors_per_step:
+        return [], []
+    items, ids, _ = chat_prompts(cfg, tok, cfg.data.anchor, what="anchor")
+    if not items:
+        raise SafeSteerError(f"data.anchor={cfg.data.anchor}: no usable prompt")
+    return items, ids
 
 
 def export_model(run_dir: Path, model_path: str, blob: bytes, prepared) -> Path:
@@ -88,7 +106,8 @@ def _main(cfg) -> None:
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     instructions, prompt_ids, skipped = training_prompts(cfg, tok)  # bad data fails here, before any work
-    steps = schedule(len(instructions), cfg)
+    anchors = anchor_prompts(cfg, tok)
+    steps = schedule(len(instructions), cfg, len(anchors[0]))
     stages = list(cfg.stages)
     resume = checkpoint.resolve(cfg.trainer.resume, run_dir) if "distill" in stages else None
     if resume is not None:  # the checkpoint carries the teacher artifacts the run trained with
@@ -136,6 +155,7 @@ def _main(cfg) -> None:
             keep_files=[prepared.vector_path, prepared.tokens_path],
             resume=resume,
             extra_state={"prepare": prepared.report},
+            anchors=anchors,
         )
         if evaluate:
             after_ids = ev.generate_answers(workers.rollout[0], tok, sets, cfg.eval.max_new_tokens)

@@ -30,8 +30,12 @@ OUTPUT_FOR_LOSS = {
 }
 
 
-def teacher_prompt_ids(tok, teacher: Teacher, instructions: Sequence[str]) -> list[list[int]]:
-    return [tok(t, add_special_tokens=False)["input_ids"] for t in teacher.prompt_texts(tok, instructions)]
+def teacher_prompt_ids(
+    tok, teacher: Teacher, instructions: Sequence[str], steer: bool = True
+) -> list[list[int]]:
+    return [
+        tok(t, add_special_tokens=False)["input_ids"] for t in teacher.prompt_texts(tok, instructions, steer)
+    ]
 
 
 @torch.no_grad()
@@ -46,24 +50,35 @@ def score_completions(
     k: int = 0,
     chunk_size: int = 64,
     batch_size: int = 16,
+    steer: Sequence[bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Teacher log-probs over each completion, completion-aligned: position j predicts completion token j.
 
     Returns ``{"logprobs": (B,C,K)}`` (plus ``"ids"`` for top-K), C = longest completion.
     The teacher sees its own prompt (with the system prompt for that kind) followed by the completion.
+    ``steer[b]=False`` scores sequence ``b`` with the original model instead (an anchor prompt).
     """
-    prompts = teacher_prompt_ids(tok, teacher, instructions)
-    parts: dict[str, list[torch.Tensor]] = {}
+    steer = [True] * len(instructions) if steer is None else list(steer)
+    if len(steer) != len(instructions):
+        raise ValueError("steer and instructions differ in length")
     C = max(len(c) for c in completion_ids)
-    for s in range(0, len(prompts), batch_size):
-        b = collate(prompts[s : s + batch_size], completion_ids[s : s + batch_size], tok.pad_token_id)
-        with teacher.apply(model):
-            out = teacher_logprobs(model, b["input_ids"], b["attention_mask"], output, ids, k, chunk_size)
-        for key, v in out.items():
-            v = completion_slice(v, b["prompt_lens"], b["completion_lens"])
-            pad = [0] * (2 * (v.dim() - 2)) + [0, C - v.shape[1]]
-            parts.setdefault(key, []).append(torch.nn.functional.pad(v, pad))
-    return {key: torch.cat(v) for key, v in parts.items()}
+    full: dict[str, torch.Tensor] = {}
+    for flag in (True, False):
+        rows = [b for b, s in enumerate(steer) if s == flag]
+        if not rows:
+            continue
+        prompts = teacher_prompt_ids(tok, teacher, [instructions[b] for b in rows], flag)
+        comps = [completion_ids[b] for b in rows]
+        for s in range(0, len(rows), batch_size):
+            b = collate(prompts[s : s + batch_size], comps[s : s + batch_size], tok.pad_token_id)
+            with teacher.apply(model, flag):
+                out = teacher_logprobs(model, b["input_ids"], b["attention_mask"], output, ids, k, chunk_size)
+            for key, v in out.items():
+                v = completion_slice(v, b["prompt_lens"], b["completion_lens"])
+                if key not in full:
+                    full[key] = v.new_zeros((len(steer), C, *v.shape[2:]))
+                full[key][rows[s : s + batch_size], : v.shape[1]] = v
+    return full
 
 
 class TeacherWorker:
@@ -92,7 +107,12 @@ class TeacherWorker:
         self.ids = torch.tensor(safety_ids, device=self.model.device) if safety_ids else None
         self.output, self.topk, self.cfg = output, topk, cfg
 
-    def score(self, instructions: Sequence[str], completion_ids: Sequence[Sequence[int]]) -> dict:
+    def score(
+        self,
+        instructions: Sequence[str],
+        completion_ids: Sequence[Sequence[int]],
+        steer: Sequence[bool] | None = None,
+    ) -> dict:
         t = time.perf_counter()
         with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.cfg["bf16"]):
             out = score_completions(
@@ -106,6 +126,7 @@ class TeacherWorker:
                 self.topk,
                 self.cfg["chunk_size"],
                 self.cfg["batch_size"],
+                steer,
             )
         out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
         if "logprobs" in out and out["logprobs"].dim() == 3 and self.output == "full":

@@ -131,7 +131,7 @@ def _fixed_batch(g, n_prompts=4):
     ro = w.collect(*w.generate(pids, [[1000 * i + j for j in range(k)] for i in range(len(pids))]))
     comps = [s["completion_ids"] for samples in ro["samples"] for s in samples]
     ins_rep = [i for i in ins for _ in range(k)]
-    sc = w.score(ins_rep, comps)
+    sc = w.score(ins_rep, comps, [True] * len(comps))
     batch = collate([p for p in pids for _ in range(k)], comps, tok.pad_token_id)
     L = batch["input_ids"].shape[1]
     batch["teacher_logprobs"] = to_sequence_positions(
@@ -141,7 +141,8 @@ def _fixed_batch(g, n_prompts=4):
 
 
 def test_teacher_actor_matches_direct_computation(group):
-    from safesteer.core.steering import Teacher, load_vector
+    from safesteer.core.batch import collate, completion_slice
+    from safesteer.core.steering import Teacher, chat_texts, load_vector
     from safesteer.models import load_hf
     from safesteer.teacher import score_completions
 
@@ -151,19 +152,30 @@ def test_teacher_actor_matches_direct_computation(group):
     assert lp.shape == (len(comps), max(len(c) for c in comps), K)
     model, tok = load_hf(group["model_path"])
     teacher = Teacher(kind="vector", vector=load_vector(group["prepared"].vector_path))
-    direct = score_completions(model, tok, teacher, ins, comps, "ids", torch.tensor(group["ids"]))["logprobs"]
+    ids = torch.tensor(group["ids"])
+    direct = score_completions(model, tok, teacher, ins, comps, "ids", ids)["logprobs"]
     torch.testing.assert_close(lp, direct, atol=1e-4, rtol=1e-4)
-    # and the steering hook is really applied: the unsteered scores differ
-    plain = score_completions(
-        model,
-        tok,
-        Teacher(kind="system_prompt", system_prompt="x"),
-        ins,
-        comps,
-        "ids",
-        torch.tensor(group["ids"]),
-    )["logprobs"]
-    assert not torch.allclose(lp, plain, atol=1e-4)
+    # and the steering hook is really applied: the original model's scores differ
+    plain = score_completions(model, tok, teacher, ins, comps, "ids", ids, steer=[False] * len(comps))
+    assert not torch.allclose(lp, plain["logprobs"], atol=1e-4)
+    with torch.no_grad():  # steer=False is exactly the original model, no hook, no system prompt
+        b = collate(
+            [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, ins[:1])], comps[:1], 0
+        )
+        ref = torch.log_softmax(model(input_ids=b["input_ids"]).logits[0, :-1].float(), -1)[:, ids]
+    n = len(comps[0])
+    torch.testing.assert_close(
+        plain["logprobs"][0, :n],
+        completion_slice(ref[None], b["prompt_lens"], b["completion_lens"])[0],
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    # mixed flags through the actor (conditional steering: anchors get the original model)
+    steer = [i % 2 == 0 for i in range(len(comps))]
+    mixed = group["workers"].score(ins, comps, steer)["teacher"]["logprobs"]
+    for i, s in enumerate(steer):
+        want = direct[i] if s else plain["logprobs"][i]
+        torch.testing.assert_close(mixed[i], want, atol=1e-4, rtol=1e-4)
 
 
 def test_rollout_weights_equal_learner_weights_after_a_step(group):

@@ -86,7 +86,7 @@ def test_checkpoints_are_complete_safetensors_and_pruned(reference):
     assert (ck / "COMPLETE").is_file()
     state = json.loads((ck / "driver.json").read_text())
     assert state["step"] == 4 and [r["step"] for r in state["history"]] == [1, 2, 3, 4]
-    assert len(state["schedule"]) == 4 and all(len(s) == 2 for s in state["schedule"])
+    assert len(state["schedule"]) == 4 and all(len(s) == 4 for s in state["schedule"])  # 2 + 2 anchors
     names = sorted(p.name for p in ck.iterdir())
     assert names == sorted(
         ["COMPLETE", "driver.json", "learner-rank0.safetensors", "learner-rank1.safetensors"]

@@ -11,6 +11,7 @@ its own process so that peak memory per process is measurable:
 - ``trl``: TRL's ``GKDTrainer`` with ``lmbda=1`` and ``beta=1`` (on-policy, reverse KL) and the steered
   teacher (:mod:`safesteer.bench.trl_gkd`).
 
-Every system runs a warm-up step and then the measured steps on the same prompts, samples and lengths;
+Every system runs a warm-up step and then the measured steps on the same prompts, samples and lengths
+(training prompts only: ``trainer.anchors_per_step=0``, as the baselines have no anchor prompts);
 the figure of merit is trained completion tokens per second. See ``docs/performance.md``.
 """

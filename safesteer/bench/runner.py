@@ -157,6 +157,7 @@ def plan(args: argparse.Namespace) -> dict:
         override("data.train_limit", args.prompts),
         override("rollout.samples_per_prompt", args.samples),
         override("rollout.max_new_tokens", args.max_new_tokens),
+        override("trainer.anchors_per_step", 0),  # the baselines train on the training prompts only
         *args.overrides,
     ]
     cfg = compose(base, check=False)

@@ -148,15 +148,19 @@ class Teacher:
         if self.kind == "vector" and self.vector is None:
             raise SafeSteerError("teacher.kind=vector needs a steering vector")
 
-    def apply(self, model) -> contextlib.AbstractContextManager:
-        """The context in which ``model`` behaves as the teacher (the steering hook, or nothing)."""
-        if self.kind == "vector":
+    def apply(self, model, steer: bool = True) -> contextlib.AbstractContextManager:
+        """The context in which ``model`` behaves as the teacher (the steering hook, or nothing).
+
+        ``steer=False`` gives the original model: the teacher of anchor prompts (conditional steering).
+        """
+        if self.kind == "vector" and steer:
             return steering(model, self.vector.layer, self.vector.vector, self.vector.coeff)
         return contextlib.nullcontext()
 
-    def prompt_texts(self, tok, instructions: Sequence[str]) -> list[str]:
+    def prompt_texts(self, tok, instructions: Sequence[str], steer: bool = True) -> list[str]:
         """The teacher's chat-formatted prompts (with the safety system prompt for that kind)."""
-        return chat_texts(tok, instructions, self.system_prompt if self.kind == "system_prompt" else None)
+        system = self.system_prompt if self.kind == "system_prompt" and steer else None
+        return chat_texts(tok, instructions, system)
 
 
 # ------------------------------------------------------------------------------------------- hooks

@@ -1,0 +1,62 @@
+"""The driver's data order: seeded training steps plus the harmless anchor prompts of each step."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from safesteer.config import CONF_DIR, validate
+from safesteer.driver import schedule
+from safesteer.errors import SafeSteerError
+
+
+def config(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def test_training_prompts_each_once_per_epoch_without_anchors():
+    cfg = config("trainer.anchors_per_step=0", "trainer.epochs=2")
+    steps = schedule(100, cfg, n_anchors=128)
+    assert len(steps) == 20 and all(len(s.prompts) == 10 for s in steps)
+    for epoch in (steps[:10], steps[10:]):
+        assert sorted(i for s in epoch for i in s.prompts) == list(range(100))
+    assert steps[0].prompts != steps[10].prompts  # reshuffled per epoch
+
+
+def test_anchors_follow_the_training_prompts_and_cycle_evenly():
+    cfg = config("trainer.anchors_per_step=5")
+    n, m = 100, 12
+    steps = schedule(n, cfg, n_anchors=m)
+    plain = schedule(n, config("trainer.anchors_per_step=0"))
+    assert len(steps) == len(plain) == 10
+    for s, p in zip(steps, plain):
+        assert s.prompts[:10] == p.prompts  # the training order is unchanged by anchors
+        anchors = s.prompts[10:]
+        assert len(anchors) == 5 and all(n <= a < n + m for a in anchors)
+        assert len(set(anchors)) == 5
+    counts = Counter(a for s in steps for a in s.prompts[10:])
+    assert set(counts) == set(range(n, n + m))  # 50 draws over 12 anchors: every one used
+    assert max(counts.values()) - min(counts.values()) <= 1
+    # seeded: the same seed gives the same order, another seed another one
+    assert [s.prompts for s in schedule(n, cfg, n_anchors=m)] == [s.prompts for s in steps]
+    other = schedule(n, config("trainer.anchors_per_step=5", "seed=1"), n_anchors=m)
+    assert [s.prompts[10:] for s in other] != [s.prompts[10:] for s in steps]
+
+
+def test_no_anchor_set_means_no_anchors():
+    steps = schedule(100, config("trainer.anchors_per_step=5"), n_anchors=0)
+    assert all(len(s.prompts) == 10 for s in steps)
+
+
+def test_anchor_settings_are_validated():
+    with pytest.raises(SafeSteerError, match="trainer.anchors_per_step"):
+        validate(config("trainer.anchors_per_step=-1"))
+    # (10 + 4) prompts x 2 samples = 28 sequences do not split over 2 ranks x micro-batches of 5
+    with pytest.raises(SafeSteerError, match="anchors_per_step") as e:
+        validate(config("trainer.anchors_per_step=4"))
+    assert "28 sequences" in str(e.value)
+    validate(config("trainer.anchors_per_step=4", "data.anchor=null"))  # no anchor set: 20 sequences
+    validate(config("trainer.anchors_per_step=10"))

@@ -19,6 +19,13 @@ def _check(cond: bool, key: str, value, why: str) -> None:
         raise SafeSteerError(f"{key}={value}: {why}")
 
 
+def sequences_per_step(cfg) -> int:
+    """Sequences in one optimizer step: (training prompts + anchor prompts) x samples per prompt."""
+    t = cfg.trainer
+    anchors = t.anchors_per_step if cfg.data.anchor else 0
+    return (t.prompts_per_step + anchors) * cfg.rollout.samples_per_prompt
+
+
 def validate(cfg) -> None:
     """Check the resolved config; raise SafeSteerError naming the first bad value."""
     from safesteer.core.loss import MODES
@@ -133,8 +140,7 @@ def validate(cfg) -> None:
         "must be null, auto or a checkpoint path",
     )
     _check(t.anchors_per_step >= 0, "trainer.anchors_per_step", t.anchors_per_step, "must be >= 0")
-    anchors = t.anchors_per_step if cfg.data.anchor else 0
-    seqs = (t.prompts_per_step + anchors) * r.samples_per_prompt
+    seqs = sequences_per_step(cfg)
     _check(
         seqs % (ln.world_size * ln.micro_batch_size) == 0,
         "learner.micro_batch_size",

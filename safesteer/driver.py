@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from safesteer import checkpoint
 from safesteer.actors import Role, free_port, placement, spawn
+from safesteer.config import sequences_per_step
 from safesteer.core.batch import collate, split, to_sequence_positions
 from safesteer.errors import SafeSteerError
 from safesteer.learner import LearnerWorker
@@ -238,7 +239,7 @@ class Workers:
         cfg, ray = self.cfg, self._ray
         path, total_steps, safety_ids = self._learner_args
         master_addr, port = rendezvous(self.pg, self.index["learner"][0])
-        seqs = cfg.trainer.prompts_per_step * cfg.rollout.samples_per_prompt
+        seqs = sequences_per_step(cfg)
         learners = [
             spawn(
                 LearnerWorker,

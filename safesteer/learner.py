@@ -145,6 +145,12 @@ class LearnerWorker:
         t = time.perf_counter()
         self.engine.train()
         n_micro = shard["input_ids"].shape[0] // self.cfg["micro_batch_size"]
+        if n_micro != self.engine.gradient_accumulation_steps():  # else DeepSpeed steps mid-shard
+            raise ValueError(
+                f"learner rank {self.rank}: shard of {shard['input_ids'].shape[0]} sequences is "
+                f"{n_micro} micro-batches, but the engine was built for "
+                f"{self.engine.gradient_accumulation_steps()} per optimizer step"
+            )
         totals = {
             "loss_sum": 0.0,
             "sequences": 0,

@@ -96,6 +96,7 @@ def group(tmp_path_factory):
                 "rollout.num_workers=2",
                 "learner.lr=1e-3",
                 "trainer.max_steps=4",
+                "trainer.anchors_per_step=0",  # the fixed batches below are prompts_per_step prompts
             ],
         )
     validate(cfg)
@@ -209,6 +210,15 @@ def test_rollout_weights_equal_learner_weights_after_a_step(group):
         lp = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), -1)
     hf = lp.gather(-1, torch.tensor(s["completion_ids"]).unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(torch.tensor(s["logprobs"]), hf, atol=2e-3, rtol=0)
+
+
+def test_a_batch_of_the_wrong_size_is_refused_not_split_into_extra_optimizer_steps(group):
+    from safesteer.core.batch import split
+
+    _, _, _, batch = _fixed_batch(group)
+    half = split(batch, 2)[0]
+    with pytest.raises(Exception, match="micro-batches, but the engine was built for"):
+        group["workers"].train_step(half)
 
 
 def test_loss_decreases_on_a_fixed_batch(group):

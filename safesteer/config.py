@@ -116,6 +116,13 @@ def validate(cfg) -> None:
     _check(ln.world_size >= 1, "learner.world_size", ln.world_size, "must be >= 1")
     _check(ln.micro_batch_size >= 1, "learner.micro_batch_size", ln.micro_batch_size, "must be >= 1")
     _check(ln.lr > 0, "learner.lr", ln.lr, "must be > 0")
+    _check(ln.bf16 in (True, False, "auto"), "learner.bf16", ln.bf16, "choose true, false or auto")
+    _check(
+        cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+        "model.dtype",
+        cfg.model.dtype,
+        "choose auto, float32, bfloat16 or float16",
+    )
     _check(0 <= ln.warmup_ratio < 1, "learner.warmup_ratio", ln.warmup_ratio, "must be in [0, 1)")
     _check(
         cfg.eval.classifier.template in ("llamaguard", "harmbench"),

@@ -41,6 +41,7 @@ from safesteer.config import sequences_per_step
 from safesteer.core.batch import collate, split, to_sequence_positions
 from safesteer.errors import SafeSteerError
 from safesteer.learner import LearnerWorker
+from safesteer.models import compute_dtype
 from safesteer.paths import atomic_write_text
 from safesteer.rollout import RolloutWorker
 from safesteer.teacher import OUTPUT_FOR_LOSS, TeacherWorker
@@ -196,7 +197,9 @@ class Workers:
         self.pg, self.index = placement(rs, cfg.cluster.strategy, cfg.cluster.placement_timeout_s)
         self.by = {r.name: r for r in rs}
         self.output = OUTPUT_FOR_LOSS[cfg.learner.loss]
-        self._rollout_args = (model_path, {**dict(cfg.rollout), "dtype": cfg.model.dtype})
+        # the engines' dtype, also the dtype the learners' weights are sent in
+        self.dtype = compute_dtype(cfg.model.dtype, device)
+        self._rollout_args = (model_path, {**dict(cfg.rollout), "dtype": self.dtype})
         self._teacher_args = (
             model_path,
             dict(cfg.teacher),
@@ -445,7 +448,7 @@ class Workers:
             self._learners_get([w.send_weights.remote() for w in self.learners])
             self._ray.get([w.set_version.remote(version) for w in self.rollout])
             return {"seconds": time.perf_counter() - t, "sha256": [None] * len(self.rollout), "bytes": 0}
-        blob = self.export(self.cfg.model.dtype)
+        blob = self.export(self.dtype)
         t_export = time.perf_counter() - t
         ref = self._ray.put(blob)
         self.weights = (ref, version)

@@ -151,14 +151,18 @@ def classify(cfg, answers: list[dict[str, list[str]]], sets: dict[str, list[str]
     from transformers import AutoTokenizer
 
     from safesteer.errors import SafeSteerError
-    from safesteer.models import resolve_model_path
+    from safesteer.models import compute_dtype, resolve_model_path
     from safesteer.rollout import RolloutWorker
 
     c = cfg.eval.classifier
     path = resolve_model_path(c.path)
     ctok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    engine_cfg = {**dict(cfg.rollout), "dtype": cfg.model.dtype, "max_model_len": c.max_model_len}
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine_cfg = {
+        **dict(cfg.rollout),
+        "dtype": compute_dtype(cfg.model.dtype, device),
+        "max_model_len": c.max_model_len,
+    }
     engine = RolloutWorker(path, engine_cfg, cfg.seed, device, cfg.model.trust_remote_code)
     out = []
     for texts in answers:
@@ -253,7 +257,7 @@ def _main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from transformers import AutoTokenizer
 
-    from safesteer.models import resolve_model_path
+    from safesteer.models import compute_dtype, resolve_model_path
     from safesteer.paths import atomic_write_json
     from safesteer.report import markdown
     from safesteer.rollout import RolloutWorker
@@ -263,8 +267,8 @@ def _main(cfg) -> None:
     trained_path = resolve_model_path(cfg.eval.model) if cfg.eval.model else None
     tok = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
     sets = eval_sets(cfg)
-    rollout_cfg = {**dict(cfg.rollout), "dtype": cfg.model.dtype}
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    rollout_cfg = {**dict(cfg.rollout), "dtype": compute_dtype(cfg.model.dtype, device)}
     answers = []
     for path in [base_path] + ([trained_path] if trained_path else []):
         engine = RolloutWorker(path, rollout_cfg, cfg.seed, device, cfg.model.trust_remote_code)

@@ -21,6 +21,7 @@ from safesteer.core.batch import split, trim
 from safesteer.core.loss import localized_reverse_kl_terms, safety_mass, sequence_mean
 from safesteer.core.scoring import right_padded_positions
 from safesteer.errors import SafeSteerError
+from safesteer.models import use_bf16
 
 # Adam's per-partition state, saved next to the fp32 master partition (ZeRO keeps one of each per rank).
 OPTIMIZER_STATE = ("step", "exp_avg", "exp_avg_sq")
@@ -92,7 +93,8 @@ class LearnerWorker:
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
-        self.rank, self.cfg, self.device = rank, cfg, "cuda" if cuda else "cpu"
+        self.rank, self.device = rank, "cuda" if cuda else "cpu"
+        self.cfg = {**cfg, "bf16": use_bf16(cfg["bf16"], self.device)}
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch.float32, trust_remote_code=trust_remote_code
         )

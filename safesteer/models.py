@@ -209,6 +209,32 @@ def check_architecture(path: str, trust_remote_code: bool = False):
     return config.get_text_config()
 
 
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes bfloat16 at full speed: any CUDA GPU, or a CPU whose oneDNN has
+    bf16 kernels (AVX-512 or AMX). On an AVX2-only CPU bf16 matmuls are emulated and run about 100x
+    slower than float32."""
+    if device.startswith("cuda"):
+        return True
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
+
+
+def compute_dtype(name: str, device: str) -> str:
+    """``model.dtype``: ``auto`` is bfloat16 where :func:`native_bf16`, float32 elsewhere."""
+    if name == "auto":
+        return "bfloat16" if native_bf16(device) else "float32"
+    return name
+
+
+def use_bf16(setting: bool | str, device: str) -> bool:
+    """``learner.bf16`` (true | false | auto): bf16 autocast, ``auto`` where :func:`native_bf16`."""
+    return native_bf16(device) if setting == "auto" else bool(setting)
+
+
 def load_hf(path: str, dtype: str = "float32", trust_remote_code: bool = False):
     """Load (model, tokenizer) with transformers, in eval mode, with a left-padding tokenizer."""
     import torch

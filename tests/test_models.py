@@ -472,3 +472,16 @@ def test_default_model_answers_a_chat_question(monkeypatch: pytest.MonkeyPatch) 
     reply = tok.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     assert reply, "empty reply"
     assert "Paris" in reply, reply
+
+
+def test_auto_dtype_follows_native_bf16_support(monkeypatch) -> None:
+    """model.dtype=auto / learner.bf16=auto: bf16 only where the device computes it natively."""
+    import torch
+
+    assert models.compute_dtype("auto", "cuda") == "bfloat16" and models.use_bf16("auto", "cuda")
+    assert models.compute_dtype("float32", "cuda") == "float32" and not models.use_bf16(False, "cuda")
+    for native, dtype in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda n=native: n)
+        assert models.compute_dtype("auto", "cpu") == dtype
+        assert models.use_bf16("auto", "cpu") is native
+        assert models.compute_dtype("bfloat16", "cpu") == "bfloat16" and models.use_bf16(True, "cpu")

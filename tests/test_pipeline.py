@@ -188,7 +188,7 @@ def test_rollout_weights_equal_learner_weights_after_a_step(group):
     _, _, _, batch = _fixed_batch(group)
     w.train_step(batch)
     sync = w.sync(version=1)
-    blob = w.export(group["cfg"].model.dtype)
+    blob = w.export(w.dtype)
     digest = hashlib.sha256(blob).hexdigest()
     infos = ray.get([r.info.remote() for r in w.rollout])
     assert [i["weights_sha256"] for i in infos] == [digest] * len(w.rollout) == sync["sha256"]

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from safesteer.core.tokens import SafetyTokens
     from safesteer.driver import schedule
     from safesteer.learner import cosine_with_warmup
-    from safesteer.models import load_hf
+    from safesteer.models import load_hf, use_bf16
     from safesteer.run import training_prompts
     from safesteer.teacher import OUTPUT_FOR_LOSS, score_completions
 
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
     ).to(device)
     ln = cfg.learner
+    bf16 = use_bf16(ln.bf16, device)
     instructions, prompt_ids, _ = training_prompts(cfg, tok)
     steps = schedule(len(instructions), cfg)
     opt = torch.optim.AdamW(
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             spec["gen_batch"],
             stop,
             tok.pad_token_id,
-            ln.bf16,
+            bf16,
         )
         t1 = time.perf_counter()
         ins = [instructions[i] for i in step.prompts for _ in range(k)]
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_sum = 0.0
         for mb in split(batch, n_micro):
             mb = {key: v.to(device) for key, v in trim(mb).items()}
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=ln.bf16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 logits = student(
                     input_ids=mb["input_ids"],
                     attention_mask=mb["attention_mask"],

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from safesteer.driver import schedule
     from safesteer.learner import cosine_with_warmup
     from safesteer.models import load_hf, use_bf16
-    from safesteer.run import training_prompts
+    from safesteer.run import device, training_prompts
 
     GKDConfig, GKDTrainer = gkd_classes()
     spec = read_spec(argv)
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             max_steps=len(steps),
             learning_rate=float(ln.lr),
             max_grad_norm=float(ln.grad_clip),
-            bf16=use_bf16(ln.bf16, "cuda" if torch.cuda.is_available() else "cpu"),
+            bf16=use_bf16(ln.bf16, device()),
             # TRL's SFT-derived default (True) would generate without a KV cache and recompute activations
             # in the backward; the model fits, so turn it off as the other systems do.
             gradient_checkpointing=False,

@@ -28,6 +28,8 @@ def run(*overrides: str, module: str = "safesteer.run", tmp: Path) -> subprocess
         ("stages=[distill,prepare]", "stages="),
         ("learner.renormalize=true", "learner.renormalize=True"),
         ("rollout.weight_sync=nccl", "rollout.weight_sync=nccl"),  # this machine has no GPU
+        ("model.dtype=fp8", "model.dtype=fp8"),
+        ("learner.bf16=maybe", "learner.bf16=maybe"),
     ],
 )
 def test_invalid_values_fail_with_one_line(tmp_path, override, culprit):

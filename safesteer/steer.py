@@ -241,7 +241,12 @@ def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
 
 
 def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_new_tokens: int = 32) -> dict:
-    """Refusal / degenerate rates of the teacher on held-out harmful and edgy-benign prompts."""
+    """Refusal / degenerate rates of the teacher on the first ``n`` prompts of each evaluation set.
+
+    The sets are the evaluation's (``eval.harmful_sets`` and ``eval.edgy_set``): held out from
+    training and from the direction prompts, so the teacher's ceiling can be read beside the
+    student's results.
+    """
     from safesteer.core import judge
 
     model, tok = load_hf(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
@@ -249,8 +254,8 @@ def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_n
     extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
     teacher = S.Teacher(kind=cfg.teacher.kind, vector=sv, **extra)
     out = {}
-    for name in ("eval_advbench", "eval_edgy_benign"):
-        prompts = _instructions(name, n, cfg.seed)
+    for name in [*cfg.eval.harmful_sets, cfg.eval.edgy_set]:
+        prompts = [p.instruction for p in load_prompts(name, limit=n)]
         with teacher.apply(model):
             ids = S.generate(model, tok, teacher.prompt_texts(tok, prompts), max_new_tokens)
         out[name] = judge.rates(tok.decode(x, skip_special_tokens=True) for x in ids)

@@ -27,6 +27,7 @@ EXPECTED_COUNTS = {
     "direction_harmless_val": 32,
     "eval_edgy_benign": 80,
     "eval_mmlu": 285,
+    "train_harmful_mixed": 100,
 }
 HARMFUL_EVAL = ("eval_advbench", "eval_harmbench", "eval_donotanswer", "eval_tense")
 
@@ -88,6 +89,21 @@ def test_training_direction_and_eval_splits_are_pairwise_disjoint() -> None:
     for a, b in itertools.combinations(BUNDLED, 2):
         shared = sets[a] & sets[b]
         assert not shared, f"{a} and {b} share {sorted(shared)[:3]}"
+
+
+def test_mixed_training_set_draws_every_harmful_source_and_no_near_copy_of_a_held_out_prompt() -> None:
+    from safesteer.data.build_bundle import NEAR_DUP_THRESHOLD, _jaccard, content_words
+
+    mixed = load_prompts("train_harmful_mixed")
+    sources = [p.extra["source"] for p in mixed]
+    assert {s: sources.count(s) for s in set(sources)} == dict.fromkeys(
+        ("advbench", "harmbench", "donotanswer", "past_tense"), 25
+    )
+    held_out = [n for n in BUNDLED if n.startswith(("eval_", "direction_"))]
+    refs = [content_words(p.instruction) for n in held_out for p in load_prompts(n)]
+    for p in mixed:
+        w = content_words(p.instruction)
+        assert max(_jaccard(w, r) for r in refs) < NEAR_DUP_THRESHOLD, p.instruction
 
 
 def test_disjointness_check_would_catch_a_shared_prompt() -> None:

@@ -120,6 +120,15 @@ def group(tmp_path_factory):
     ray.shutdown()
 
 
+def test_teacher_is_measured_on_every_evaluation_set(group):
+    from safesteer.steer import measure_teacher
+
+    cfg = group["cfg"]
+    rates = measure_teacher(cfg, group["prepared"], group["model_path"], n=2, max_new_tokens=4)
+    assert list(rates) == [*cfg.eval.harmful_sets, cfg.eval.edgy_set]
+    assert all(r["n"] == 2 and 0 <= r["refusal"] <= 1 for r in rates.values()), rates
+
+
 def _fixed_batch(g, n_prompts=4):
     from safesteer.core.batch import collate, to_sequence_positions
     from safesteer.core.steering import chat_texts

@@ -65,6 +65,7 @@ BUNDLED: tuple[str, ...] = (
     "eval_edgy_benign",
     "eval_benign",
     "eval_mmlu",
+    "train_harmful_mixed",
 )
 
 #: Object fields that may hold the prompt text, in order of preference.

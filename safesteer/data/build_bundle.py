@@ -323,9 +323,9 @@ def build(wheels: pathlib.Path, out: pathlib.Path) -> Bundle:
 
     # --- a mixed training set, taken last so every file above is unchanged: 25 prompts from each
     # harmful source, none a near duplicate of any direction or evaluation prompt --------------
-    held_out = b.words([n for n in b.files if n != "train_harmful"])
+    held_out = refs + b.words(n for n in b.files if n.startswith("eval_"))
     for stream in (adv_stream, harmbench_stream, dna_stream, tense_stream):
-        b.take("train_harmful_mixed", stream, 25, refs + held_out, "a direction/evaluation prompt")
+        b.take("train_harmful_mixed", stream, 25, held_out, "a direction/evaluation prompt")
 
     assert set(b.files) == set(BUNDLED), sorted(set(b.files) ^ set(BUNDLED))
     expected = {
@@ -424,13 +424,11 @@ def _attribution(b: Bundle, wheels: pathlib.Path, zips: dict[str, zipfile.ZipFil
     ]
     for name in BUNDLED:
         sources = FILE_SOURCES[name]
-        for source in (sources,) if isinstance(sources, str) else sources:
+        sources = (sources,) if isinstance(sources, str) else sources
+        for source in sources:
             wheel_key, member, lic, upstream = PROVENANCE[source]
-            count = (
-                len(b.files[name])
-                if isinstance(sources, str)
-                else sum(r["source"] == source for r in b.files[name])
-            )
+            rows = b.files[name]
+            count = len(rows) if len(sources) == 1 else sum(r["source"] == source for r in rows)
             lines.append(
                 f"| `{name}.jsonl` | {count} | {WHEELS[wheel_key].pin} | `{member}` | {lic} | {upstream} |"
             )

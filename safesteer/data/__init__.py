@@ -66,6 +66,7 @@ BUNDLED: tuple[str, ...] = (
     "eval_benign",
     "eval_mmlu",
     "train_harmful_mixed",
+    "anchor_edgy",
 )
 
 #: Object fields that may hold the prompt text, in order of preference.

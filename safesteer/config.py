@@ -147,6 +147,7 @@ def validate(cfg) -> None:
         "must be null, auto or a checkpoint path",
     )
     _check(t.anchors_per_step >= 0, "trainer.anchors_per_step", t.anchors_per_step, "must be >= 0")
+    _check(t.anchor_weight >= 0, "trainer.anchor_weight", t.anchor_weight, "must be >= 0")
     seqs = sequences_per_step(cfg)
     _check(
         seqs % (ln.world_size * ln.micro_batch_size) == 0,

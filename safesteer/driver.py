@@ -603,6 +603,7 @@ def distill(
                 t_sc = time.perf_counter() - t1
                 batch = collate(p_ids, comps, tok.pad_token_id)
                 batch["anchor"] = torch.tensor([0.0 if x else 1.0 for x in steer])
+                batch["weight"] = torch.tensor([1.0 if x else t.anchor_weight for x in steer])
                 L = batch["input_ids"].shape[1]
                 teacher = sc["teacher"]
                 batch["teacher_logprobs"] = to_sequence_positions(

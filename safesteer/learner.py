@@ -135,7 +135,9 @@ class LearnerWorker:
             stats["anchor_sequences"] = int(mb["anchor"].sum().item())
         if self.ids is not None:
             stats["mass_sum"] = safety_mass(logits, self.ids, mb["completion_mask"]).item() * per_seq.numel()
-        return per_seq.mean(), stats
+        # Anchor sequences weigh trainer.anchor_weight in the loss (training sequences 1).
+        loss = (per_seq * mb["weight"]).mean() if "weight" in mb else per_seq.mean()
+        return loss, stats
 
     def train_step(self, shard: dict, poison: bool = False) -> dict:
         """One optimizer step over this rank's shard (split into micro-batches).

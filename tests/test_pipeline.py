@@ -230,6 +230,17 @@ def test_a_batch_of_the_wrong_size_is_refused_not_split_into_extra_optimizer_ste
         group["workers"].train_step(half)
 
 
+def test_sequences_weighted_zero_do_not_train(group):
+    """trainer.anchor_weight reaches the loss: sequences of weight 0 give no gradient at all."""
+    _, _, _, batch = _fixed_batch(group)
+    n = batch["input_ids"].shape[0]
+    batch["weight"] = torch.zeros(n)
+    zero = group["workers"].train_step(batch)
+    assert zero["loss"] > 0 and zero["grad_norm"] == 0, zero  # the loss is reported, not trained on
+    batch["weight"] = torch.tensor([0.0] * (n - 1) + [1.0])
+    assert group["workers"].train_step(batch)["grad_norm"] > 0
+
+
 def test_loss_decreases_on_a_fixed_batch(group):
     w = group["workers"]
     _, _, _, batch = _fixed_batch(group)

@@ -54,6 +54,8 @@ def test_no_anchor_set_means_no_anchors():
 def test_anchor_settings_are_validated():
     with pytest.raises(SafeSteerError, match="trainer.anchors_per_step"):
         validate(config("trainer.anchors_per_step=-1"))
+    with pytest.raises(SafeSteerError, match="trainer.anchor_weight=-0.5: must be >= 0"):
+        validate(config("trainer.anchor_weight=-0.5"))
     # (10 + 4) prompts x 2 samples = 28 sequences do not split over 2 ranks x micro-batches of 5
     with pytest.raises(SafeSteerError, match="anchors_per_step") as e:
         validate(config("trainer.anchors_per_step=4"))

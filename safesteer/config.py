@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from safesteer.errors import SafeSteerError, one_line
 
@@ -17,6 +20,56 @@ STAGES = ("prepare", "distill", "evaluate", "export")
 def _check(cond: bool, key: str, value, why: str) -> None:
     if not cond:
         raise SafeSteerError(f"{key}={value}: {why}")
+
+
+def _number(cfg, key: str, *, integer: bool = False, null: bool = False):
+    """The value of a numeric option. Anything else (``learner.lr=abc``, ``trainer.epochs=1.5``) fails
+    here, naming the option, instead of as a TypeError in the first comparison or deep in a stage."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and null:
+        return None
+    kinds = int if integer else (int, float)
+    _check(
+        isinstance(value, kinds) and not isinstance(value, bool),
+        key,
+        value,
+        ("must be an integer" if integer else "must be a number") + (" or null" if null else ""),
+    )
+    return value
+
+
+def _at_least(cfg, key: str, low, *, integer: bool = True, null: bool = False, why: str = "") -> None:
+    value = _number(cfg, key, integer=integer, null=null)
+    _check(value is None or value >= low, key, value, why or f"must be >= {low}")
+
+
+def _positive(cfg, key: str, *, null: bool = False, why: str = "must be > 0") -> None:
+    value = _number(cfg, key, null=null)
+    _check(value is None or value > 0, key, value, why)
+
+
+def _fraction(cfg, key: str, *, closed: str = "[]", null: bool = False) -> None:
+    """A number in [0, 1]; ``closed`` names the included ends, e.g. "[)" for [0, 1), "(]" for (0, 1]."""
+    value = _number(cfg, key, null=null)
+    if value is not None:
+        low_ok = value >= 0 if closed[0] == "[" else value > 0
+        high_ok = value <= 1 if closed[1] == "]" else value < 1
+        _check(low_ok and high_ok, key, value, f"must be in {closed[0]}0, 1{closed[1]}")
+
+
+def _numbers(cfg, key: str, *, integer: bool = False, null: bool = False) -> list | None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and null:
+        return None
+    kinds = int if integer else (int, float)
+    what = "integers" if integer else "numbers"
+    _check(
+        OmegaConf.is_list(value) and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value),
+        key,
+        value,
+        f"must be a list of {what}" + (" or null" if null else ""),
+    )
+    return list(value)
 
 
 def sequences_per_step(cfg) -> int:
@@ -42,14 +95,19 @@ def validate(cfg) -> None:
         stages,
         f"stages run in the order {', '.join(STAGES)}",
     )
+    _number(cfg, "seed", integer=True)
+    _at_least(cfg, "model.max_prompt_tokens", 1)
+    _at_least(cfg, "data.train_limit", 1, null=True)
+
     _check(
         cfg.teacher.kind in TEACHER_KINDS,
         "teacher.kind",
         cfg.teacher.kind,
         f"choose one of {', '.join(TEACHER_KINDS)}",
     )
-    _check(cfg.teacher.num_actors >= 1, "teacher.num_actors", cfg.teacher.num_actors, "must be >= 1")
-    _check(cfg.teacher.chunk_size >= 1, "teacher.chunk_size", cfg.teacher.chunk_size, "must be >= 1")
+    for key in ("num_actors", "chunk_size", "batch_size", "threads"):
+        _at_least(cfg, f"teacher.{key}", 1)
+
     sm = list(cfg.steering.methods)
     _check(
         bool(sm) and all(m in METHODS for m in sm),
@@ -57,28 +115,33 @@ def validate(cfg) -> None:
         sm,
         f"choose from {', '.join(METHODS)}",
     )
-    _check(
-        len(cfg.steering.coeffs) > 0,
-        "steering.coeffs",
-        list(cfg.steering.coeffs),
-        "needs at least one coefficient",
-    )
-    _check(
-        0 <= cfg.steering.prune_fraction < 1,
-        "steering.prune_fraction",
-        cfg.steering.prune_fraction,
-        "must be in [0, 1)",
-    )
+    _numbers(cfg, "steering.layers", integer=True, null=True)
+    coeffs = _numbers(cfg, "steering.coeffs")
+    _check(len(coeffs) > 0, "steering.coeffs", coeffs, "needs at least one coefficient")
+    for key in ("n_train", "n_val", "top_candidates", "max_new_tokens", "batch_size"):
+        _at_least(cfg, f"steering.{key}", 1)
+    _fraction(cfg, "steering.prune_fraction", closed="[)")
+    _fraction(cfg, "steering.max_degenerate")
+    _fraction(cfg, "steering.max_benign_refusal")
+    _number(cfg, "steering.max_kl", null=True)
+    _number(cfg, "steering.min_steering_score", null=True)
+
     _check(
         cfg.tokens.method in TOKEN_METHODS,
         "tokens.method",
         cfg.tokens.method,
         f"choose one of {', '.join(TOKEN_METHODS)}",
     )
-    for key in ("k", "horizon", "samples_per_prompt", "n_prompts"):
-        _check(cfg.tokens[key] >= 1, f"tokens.{key}", cfg.tokens[key], "must be >= 1")
+    for key in ("k", "horizon", "samples_per_prompt", "n_prompts", "vote_top", "batch_size"):
+        _at_least(cfg, f"tokens.{key}", 1)
+    _positive(cfg, "tokens.temperature")
+    _fraction(cfg, "tokens.top_p", closed="(]")
+    _at_least(cfg, "tokens.min_steered_prob", 0, integer=False)
+    _at_least(cfg, "tokens.min_student_mass", 0, integer=False)
+
     r = cfg.rollout
-    _check(r.num_workers >= 1, "rollout.num_workers", r.num_workers, "must be >= 1")
+    for key in ("num_workers", "samples_per_prompt", "max_new_tokens", "tensor_parallel_size", "threads"):
+        _at_least(cfg, f"rollout.{key}", 1)
     _check(
         r.weight_sync in ("object_store", "nccl"),
         "rollout.weight_sync",
@@ -94,16 +157,16 @@ def validate(cfg) -> None:
             r.weight_sync,
             "needs CUDA GPUs (use object_store)",
         )
-    _check(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", r.samples_per_prompt, "must be >= 1")
-    _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0 (sampling is on-policy)")
-    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
-    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
-    _check(
-        r.max_model_len > r.max_new_tokens,
-        "rollout.max_model_len",
-        r.max_model_len,
-        "must exceed rollout.max_new_tokens",
-    )
+    _positive(cfg, "rollout.temperature", why="must be > 0 (sampling is on-policy)")
+    _fraction(cfg, "rollout.top_p", closed="(]")
+    _fraction(cfg, "rollout.gpu_memory_utilization", closed="(]")
+    _positive(cfg, "rollout.kv_cache_gb")
+    _at_least(cfg, "rollout.max_model_len", r.max_new_tokens + 1, why="must exceed rollout.max_new_tokens")
+
+    for group in ("rollout", "teacher", "learner"):
+        _at_least(cfg, f"{group}.num_cpus", 0, integer=False)
+        _at_least(cfg, f"{group}.num_gpus", 0, integer=False)
+
     ln = cfg.learner
     _check(ln.loss in MODES, "learner.loss", ln.loss, f"choose one of {', '.join(MODES)}")
     _check(
@@ -113,9 +176,18 @@ def validate(cfg) -> None:
         "cannot be combined with learner.loss=bucket",
     )
     _check(ln.zero_stage in (0, 1, 2, 3), "learner.zero_stage", ln.zero_stage, "must be 0, 1, 2 or 3")
-    _check(ln.world_size >= 1, "learner.world_size", ln.world_size, "must be >= 1")
-    _check(ln.micro_batch_size >= 1, "learner.micro_batch_size", ln.micro_batch_size, "must be >= 1")
-    _check(ln.lr > 0, "learner.lr", ln.lr, "must be > 0")
+    for key in ("world_size", "micro_batch_size", "topk", "threads"):
+        _at_least(cfg, f"learner.{key}", 1)
+    _positive(cfg, "learner.lr")
+    _at_least(cfg, "learner.weight_decay", 0, integer=False)
+    _positive(cfg, "learner.grad_clip")
+    betas = _numbers(cfg, "learner.betas")
+    _check(
+        len(betas) == 2 and all(0 <= b < 1 for b in betas),
+        "learner.betas",
+        betas,
+        "must be two numbers in [0, 1)",
+    )
     _check(ln.bf16 in (True, False, "auto"), "learner.bf16", ln.bf16, "choose true, false or auto")
     _check(
         cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
@@ -123,31 +195,37 @@ def validate(cfg) -> None:
         cfg.model.dtype,
         "choose auto, float32, bfloat16 or float16",
     )
-    _check(0 <= ln.warmup_ratio < 1, "learner.warmup_ratio", ln.warmup_ratio, "must be in [0, 1)")
+    _fraction(cfg, "learner.warmup_ratio", closed="[)")
+
+    for key in ("n_harmful", "n_edgy", "n_benign", "n_mmlu"):
+        _at_least(cfg, f"eval.{key}", 1, null=True)
+    _at_least(cfg, "eval.max_new_tokens", 1)
+    _at_least(cfg, "eval.classifier.max_new_tokens", 1)
+    _at_least(cfg, "eval.classifier.max_model_len", 2)
     _check(
         cfg.eval.classifier.template in ("llamaguard", "harmbench"),
         "eval.classifier.template",
         cfg.eval.classifier.template,
         "choose llamaguard or harmbench",
     )
+
     t = cfg.trainer
     _check(t.max_staleness in (0, 1), "trainer.max_staleness", t.max_staleness, "must be 0 (on-policy) or 1")
-    _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", t.prompts_per_step, "must be >= 1")
-    _check(t.epochs >= 1, "trainer.epochs", t.epochs, "must be >= 1")
-    _check(
-        t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 = never)"
-    )
-    _check(t.keep_checkpoints >= 1, "trainer.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
-    _check(t.max_restarts >= 0, "trainer.max_restarts", t.max_restarts, "must be >= 0")
-    _check(t.max_bad_steps >= 1, "trainer.max_bad_steps", t.max_bad_steps, "must be >= 1")
+    _at_least(cfg, "trainer.prompts_per_step", 1)
+    _at_least(cfg, "trainer.epochs", 1)
+    _at_least(cfg, "trainer.max_steps", 1, null=True)
+    _at_least(cfg, "trainer.checkpoint_every", 0, why="must be >= 0 (0 = never)")
+    _at_least(cfg, "trainer.keep_checkpoints", 1)
+    _at_least(cfg, "trainer.max_restarts", 0)
+    _at_least(cfg, "trainer.max_bad_steps", 1)
     _check(
         t.resume is None or (isinstance(t.resume, str) and t.resume.strip() != ""),
         "trainer.resume",
         t.resume,
         "must be null, auto or a checkpoint path",
     )
-    _check(t.anchors_per_step >= 0, "trainer.anchors_per_step", t.anchors_per_step, "must be >= 0")
-    _check(t.anchor_weight >= 0, "trainer.anchor_weight", t.anchor_weight, "must be >= 0")
+    _at_least(cfg, "trainer.anchors_per_step", 0)
+    _at_least(cfg, "trainer.anchor_weight", 0, integer=False)
     seqs = sequences_per_step(cfg)
     _check(
         seqs % (ln.world_size * ln.micro_batch_size) == 0,
@@ -163,12 +241,8 @@ def validate(cfg) -> None:
         cfg.cluster.strategy,
         "choose PACK, SPREAD, STRICT_PACK or STRICT_SPREAD",
     )
-    _check(
-        cfg.cluster.placement_timeout_s > 0,
-        "cluster.placement_timeout_s",
-        cfg.cluster.placement_timeout_s,
-        "must be > 0",
-    )
+    _positive(cfg, "cluster.num_cpus", null=True)
+    _positive(cfg, "cluster.placement_timeout_s")
 
 
 def _unwritable_output_dir(argv: list[str]) -> str | None:
@@ -192,9 +266,29 @@ def _unwritable_output_dir(argv: list[str]) -> str | None:
     return None
 
 
+def _remove_if_only_bookkeeping(run_dir: Path) -> None:
+    """A run refused at validation leaves no directory behind when Hydra's own files (``.hydra/`` and an
+    empty job log) are all it holds; a directory with anything else in it is left exactly as it was."""
+    try:
+        entries = list(run_dir.iterdir())
+        if not all(
+            (e.name == ".hydra" and e.is_dir()) or (e.suffix == ".log" and e.stat().st_size == 0)
+            for e in entries
+        ):
+            return
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        for e in entries:
+            if e.suffix == ".log":
+                e.unlink(missing_ok=True)
+        run_dir.rmdir()
+    except OSError:
+        pass
+
+
 def hydra_entry(fn: Callable, config_name: str = "config") -> None:
     """Run ``fn(cfg)`` under Hydra with validation and one-line errors (tracebacks with debug=true)."""
     import hydra
+    from hydra.core.hydra_config import HydraConfig
 
     if not CONF_DIR.is_dir():
         print(
@@ -212,7 +306,11 @@ def hydra_entry(fn: Callable, config_name: str = "config") -> None:
     def _app(cfg) -> None:
         debug = bool(cfg.get("debug", False)) or bool(os.environ.get("SAFESTEER_DEBUG"))
         try:
-            validate(cfg)
+            try:
+                validate(cfg)
+            except SafeSteerError:
+                _remove_if_only_bookkeeping(Path(HydraConfig.get().runtime.output_dir))
+                raise
             fn(cfg)
         except (SafeSteerError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
             if debug:

@@ -22,15 +22,18 @@ def _check(cond: bool, key: str, value, why: str) -> None:
         raise SafeSteerError(f"{key}={value}: {why}")
 
 
+def _is_number(value, integer: bool) -> bool:
+    return isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+
+
 def _number(cfg, key: str, *, integer: bool = False, null: bool = False):
     """The value of a numeric option. Anything else (``learner.lr=abc``, ``trainer.epochs=1.5``) fails
     here, naming the option, instead of as a TypeError in the first comparison or deep in a stage."""
     value = OmegaConf.select(cfg, key)
     if value is None and null:
         return None
-    kinds = int if integer else (int, float)
     _check(
-        isinstance(value, kinds) and not isinstance(value, bool),
+        _is_number(value, integer),
         key,
         value,
         ("must be an integer" if integer else "must be a number") + (" or null" if null else ""),
@@ -61,10 +64,9 @@ def _numbers(cfg, key: str, *, integer: bool = False, null: bool = False) -> lis
     value = OmegaConf.select(cfg, key)
     if value is None and null:
         return None
-    kinds = int if integer else (int, float)
     what = "integers" if integer else "numbers"
     _check(
-        OmegaConf.is_list(value) and all(isinstance(v, kinds) and not isinstance(v, bool) for v in value),
+        OmegaConf.is_list(value) and all(_is_number(v, integer) for v in value),
         key,
         value,
         f"must be a list of {what}" + (" or null" if null else ""),

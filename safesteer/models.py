@@ -209,30 +209,22 @@ def check_architecture(path: str, trust_remote_code: bool = False):
     return config.get_text_config()
 
 
-def native_bf16(device: str) -> bool:
-    """Whether ``device`` computes bfloat16 at full speed: any CUDA GPU, or a CPU whose oneDNN has
-    bf16 kernels (AVX-512 or AMX). On an AVX2-only CPU bf16 matmuls are emulated and run about 100x
-    slower than float32."""
-    if device.startswith("cuda"):
-        return True
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return torch.backends.cpu.get_cpu_capability().startswith(("AVX512", "AMX"))
-
-
 def compute_dtype(name: str, device: str) -> str:
-    """``model.dtype``: ``auto`` is bfloat16 where :func:`native_bf16`, float32 elsewhere."""
+    """``model.dtype``: ``auto`` is bfloat16 on CUDA GPUs and float32 on CPUs.
+
+    On CPUs float32 is both the reproducible choice (the same run gives the same metrics on every
+    x86 CPU; bf16 results depend on which bf16 kernels the CPU has) and, on the default model, the
+    measured better safety/over-refusal trade-off (README); AVX2-only CPUs also emulate bf16 ~100x
+    slower than float32.
+    """
     if name == "auto":
-        return "bfloat16" if native_bf16(device) else "float32"
+        return "bfloat16" if device.startswith("cuda") else "float32"
     return name
 
 
 def use_bf16(setting: bool | str, device: str) -> bool:
-    """``learner.bf16`` (true | false | auto): bf16 autocast, ``auto`` where :func:`native_bf16`."""
-    return native_bf16(device) if setting == "auto" else bool(setting)
+    """``learner.bf16`` (true | false | auto): bf16 autocast; ``auto`` on CUDA GPUs only, like ``model.dtype``."""
+    return device.startswith("cuda") if setting == "auto" else bool(setting)
 
 
 def load_hf(path: str, dtype: str = "float32", trust_remote_code: bool = False):

@@ -103,7 +103,7 @@ class TeacherWorker:
             self.model.cuda()
         kw = {"system_prompt": system_prompt} if system_prompt else {}
         vec = load_vector_bytes(vector_blob) if vector_blob is not None else None
-        self.teacher = Teacher(kind=kind, vector=vec, **kw)
+        self.teacher = Teacher(kind=kind, vector=vec, anchor_coeff=float(cfg["anchor_coeff"]), **kw)
         self.ids = torch.tensor(safety_ids, device=self.model.device) if safety_ids else None
         self.output, self.topk, self.cfg = output, topk, cfg
 

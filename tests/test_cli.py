@@ -24,7 +24,7 @@ def run(*overrides: str, module: str = "safesteer.run", tmp: Path) -> subprocess
         ("teacher.kind=oracle", "teacher.kind=oracle"),
         ("rollout.temperature=0", "rollout.temperature=0"),
         ("trainer.max_staleness=3", "trainer.max_staleness=3"),
-        ("learner.micro_batch_size=3", "learner.micro_batch_size=3"),
+        ("learner.micro_batch_size=5", "learner.micro_batch_size=5"),  # 24 sequences, 2 ranks
         ("stages=[distill,prepare]", "stages="),
         ("learner.renormalize=true", "learner.renormalize=True"),
         ("rollout.weight_sync=nccl", "rollout.weight_sync=nccl"),  # this machine has no GPU

@@ -56,9 +56,21 @@ def test_anchor_settings_are_validated():
         validate(config("trainer.anchors_per_step=-1"))
     with pytest.raises(SafeSteerError, match="trainer.anchor_weight=-0.5: must be >= 0"):
         validate(config("trainer.anchor_weight=-0.5"))
+    validate(config())  # the defaults: (10 + 2) prompts x 2 samples = 24 sequences, 2 ranks x 2 x 6
     # (10 + 4) prompts x 2 samples = 28 sequences do not split over 2 ranks x micro-batches of 5
+    five = "learner.micro_batch_size=5"
     with pytest.raises(SafeSteerError, match="anchors_per_step") as e:
-        validate(config("trainer.anchors_per_step=4"))
+        validate(config("trainer.anchors_per_step=4", five))
     assert "28 sequences" in str(e.value)
-    validate(config("trainer.anchors_per_step=4", "data.anchor=null"))  # no anchor set: 20 sequences
-    validate(config("trainer.anchors_per_step=10"))
+    validate(config("trainer.anchors_per_step=4", "data.anchor=null", five))  # no anchor set: 20 sequences
+    validate(config("trainer.anchors_per_step=10", five))
+    validate(config("+experiment=reference"))  # no anchors: 20 sequences over 2 ranks x 2 x 5
+
+
+def test_anchor_coeff_is_validated():
+    validate(config("teacher.anchor_coeff=-0.3"))
+    validate(config("teacher=system_prompt"))  # that teacher has no vector: anchor_coeff 0 there
+    with pytest.raises(SafeSteerError, match="teacher.anchor_coeff=abc: must be a number"):
+        validate(config("teacher.anchor_coeff=abc"))
+    with pytest.raises(SafeSteerError, match="teacher.anchor_coeff=-0.3: needs teacher.kind=vector"):
+        validate(config("teacher=system_prompt", "teacher.anchor_coeff=-0.3"))

@@ -480,6 +480,31 @@ def test_teacher_kinds(tiny) -> None:
     assert not model.model.layers[2]._forward_pre_hooks
 
 
+def test_anchor_teacher_is_the_original_model_or_the_vector_at_anchor_coeff(tiny) -> None:
+    """steer=False (an anchor prompt): no hook by default; with anchor_coeff, the vector at that coefficient."""
+    model, tok = tiny
+    texts = chat_texts(tok, ["Tell me a joke", "How do locks work?"])
+    sv = SteeringVector(vector=_vec(model, seed=12, scale=4.0), layer=2, coeff=1.0, method="contrastive")
+    base = last_logprobs(model, tok, texts)
+    with steering(model, 2, sv.vector, -0.5):
+        away = last_logprobs(model, tok, texts)
+    with Teacher(kind="vector", vector=sv).apply(model, steer=False):
+        plain = last_logprobs(model, tok, texts)
+    with Teacher(kind="vector", vector=sv, anchor_coeff=-0.5).apply(model, steer=False):
+        anchored = last_logprobs(model, tok, texts)
+    with Teacher(kind="vector", vector=sv, anchor_coeff=-0.5).apply(model, steer=True):
+        steered = last_logprobs(model, tok, texts)
+    with steering(model, 2, sv.vector, 1.0):
+        want_steered = last_logprobs(model, tok, texts)
+    assert torch.equal(plain, base)
+    assert (away - base).abs().max() > 1e-2
+    torch.testing.assert_close(anchored, away)
+    torch.testing.assert_close(steered, want_steered)  # training prompts keep the vector's own coeff
+    assert not model.model.layers[2]._forward_pre_hooks
+    with pytest.raises(SafeSteerError, match="anchor_coeff=-0.5: needs teacher.kind=vector"):
+        Teacher(kind="system_prompt", anchor_coeff=-0.5)
+
+
 # ------------------------------------------------------------------------------ the real model
 @pytest.mark.slow
 def test_contrastive_vector_raises_refusal_score_on_the_default_model(default_model_dir: Path) -> None:

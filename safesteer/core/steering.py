@@ -141,20 +141,27 @@ class Teacher:
     kind: str = "vector"
     vector: SteeringVector | None = None
     system_prompt: str = SAFETY_SYSTEM_PROMPT
+    # The coefficient of the vector on anchor prompts (``steer=False``): 0 is the original model; a
+    # negative one steers the anchors' teacher away from refusal (kind=vector only).
+    anchor_coeff: float = 0.0
 
     def __post_init__(self):
         if self.kind not in TEACHER_KINDS:
             raise SafeSteerError(f"teacher.kind={self.kind}: choose one of {', '.join(TEACHER_KINDS)}")
         if self.kind == "vector" and self.vector is None:
             raise SafeSteerError("teacher.kind=vector needs a steering vector")
+        if self.kind != "vector" and self.anchor_coeff:
+            raise SafeSteerError(f"teacher.anchor_coeff={self.anchor_coeff}: needs teacher.kind=vector")
 
     def apply(self, model, steer: bool = True) -> contextlib.AbstractContextManager:
         """The context in which ``model`` behaves as the teacher (the steering hook, or nothing).
 
-        ``steer=False`` gives the original model: the teacher of anchor prompts (conditional steering).
+        ``steer=False`` gives the teacher of anchor prompts (conditional steering): the original model,
+        or the vector at ``anchor_coeff`` when that is non-zero.
         """
-        if self.kind == "vector" and steer:
-            return steering(model, self.vector.layer, self.vector.vector, self.vector.coeff)
+        if self.kind == "vector" and (steer or self.anchor_coeff):
+            coeff = self.vector.coeff if steer else self.anchor_coeff
+            return steering(model, self.vector.layer, self.vector.vector, coeff)
         return contextlib.nullcontext()
 
     def prompt_texts(self, tok, instructions: Sequence[str], steer: bool = True) -> list[str]:

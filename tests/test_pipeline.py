@@ -180,11 +180,16 @@ def test_teacher_actor_matches_direct_computation(group):
         atol=1e-4,
         rtol=1e-4,
     )
-    # mixed flags through the actor (conditional steering: anchors get the original model)
+    # mixed flags through the actor (conditional steering: anchors get the vector at teacher.anchor_coeff)
+    anchor_coeff = group["cfg"].teacher.anchor_coeff
+    assert anchor_coeff != 0  # the defaults steer the anchors' teacher away from refusal
+    away = Teacher(kind="vector", vector=teacher.vector, anchor_coeff=anchor_coeff)
+    anchored = score_completions(model, tok, away, ins, comps, "ids", ids, steer=[False] * len(comps))
+    assert not torch.allclose(anchored["logprobs"], plain["logprobs"], atol=1e-4)
     steer = [i % 2 == 0 for i in range(len(comps))]
     mixed = group["workers"].score(ins, comps, steer)["teacher"]["logprobs"]
     for i, s in enumerate(steer):
-        want = direct[i] if s else plain["logprobs"][i]
+        want = direct[i] if s else anchored["logprobs"][i]
         torch.testing.assert_close(mixed[i], want, atol=1e-4, rtol=1e-4)
 
 

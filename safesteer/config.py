@@ -109,13 +109,7 @@ def validate(cfg) -> None:
     )
     for key in ("num_actors", "chunk_size", "batch_size", "threads"):
         _at_least(cfg, f"teacher.{key}", 1)
-    anchor_coeff = _number(cfg, "teacher.anchor_coeff")
-    _check(
-        cfg.teacher.kind == "vector" or not anchor_coeff,
-        "teacher.anchor_coeff",
-        anchor_coeff,
-        "needs teacher.kind=vector (a system-prompt teacher has no vector to add)",
-    )
+    _number(cfg, "teacher.anchor_coeff")
 
     sm = list(cfg.steering.methods)
     _check(

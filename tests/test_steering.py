@@ -501,8 +501,8 @@ def test_anchor_teacher_is_the_original_model_or_the_vector_at_anchor_coeff(tiny
     torch.testing.assert_close(anchored, away)
     torch.testing.assert_close(steered, want_steered)  # training prompts keep the vector's own coeff
     assert not model.model.layers[2]._forward_pre_hooks
-    with pytest.raises(SafeSteerError, match="anchor_coeff=-0.5: needs teacher.kind=vector"):
-        Teacher(kind="system_prompt", anchor_coeff=-0.5)
+    with Teacher(kind="system_prompt", anchor_coeff=-0.5).apply(model, steer=False):  # no vector to add
+        assert torch.equal(last_logprobs(model, tok, texts), base)
 
 
 # ------------------------------------------------------------------------------ the real model

@@ -142,7 +142,8 @@ class Teacher:
     vector: SteeringVector | None = None
     system_prompt: str = SAFETY_SYSTEM_PROMPT
     # The coefficient of the vector on anchor prompts (``steer=False``): 0 is the original model; a
-    # negative one steers the anchors' teacher away from refusal (kind=vector only).
+    # negative one steers the anchors' teacher away from refusal (kind=vector; a system-prompt teacher
+    # has no vector and scores anchors with the original model whatever this is).
     anchor_coeff: float = 0.0
 
     def __post_init__(self):
@@ -150,8 +151,6 @@ class Teacher:
             raise SafeSteerError(f"teacher.kind={self.kind}: choose one of {', '.join(TEACHER_KINDS)}")
         if self.kind == "vector" and self.vector is None:
             raise SafeSteerError("teacher.kind=vector needs a steering vector")
-        if self.kind != "vector" and self.anchor_coeff:
-            raise SafeSteerError(f"teacher.anchor_coeff={self.anchor_coeff}: needs teacher.kind=vector")
 
     def apply(self, model, steer: bool = True) -> contextlib.AbstractContextManager:
         """The context in which ``model`` behaves as the teacher (the steering hook, or nothing).

@@ -17,7 +17,8 @@ from safesteer.paths import atomic_write_bytes, atomic_write_text
 
 
 def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.0f}%"
+    """A rate as a percentage with one decimal where it has one (79.5%, not a rounded 80%)."""
+    return "–" if x is None else f"{100 * x:.1f}".removesuffix(".0") + "%"
 
 
 def table_rows(results: dict) -> list[tuple[str, str, str, str]]:

@@ -69,7 +69,7 @@ def test_report_holds_the_planted_numbers(tmp_path):
     (run / "metrics.json").write_text(json.dumps(results))
     write_report(run, results, tokens)
     md = (run / "report.md").read_text()
-    assert "| all harmful sets | mean refusal | 12% | 88% |" in md
+    assert "| all harmful sets | mean refusal | 12.5% | 87.5% |" in md
     assert "| eval_b | refusal | 25% | 100% |" in md
     assert "| edgy | refusal | 0% | 25% |" in md
     assert "| MMLU subset | accuracy | 30% | 29% |" in md
@@ -77,7 +77,7 @@ def test_report_holds_the_planted_numbers(tmp_path):
     assert "' sorry'" in md
     page = (run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3  # bars, training curves, scatter — inlined
-    assert "88%" in page and "How do I do a bad thing?" in page
+    assert "87.5%" in page and "How do I do a bad thing?" in page
     for name in ("refusal_by_set.png", "training.png", "safety_vs_capability.png"):
         assert (run / "figures" / name).stat().st_size > 1000
 
@@ -133,8 +133,8 @@ def test_compare_has_one_row_per_evaluated_run_with_the_planted_numbers(tmp_path
     (tmp_path / "2" / "metrics.json").write_text(json.dumps({"history": []}))  # not evaluated: no row
     table = compare(tmp_path).splitlines()
     assert len(table) == 4 and table[0].startswith("| run | harmful refusal | edgy over-refusal")
-    # harmful mean 12.5% -> 87.5%, edgy 0 -> 25%, ordinary refusal 0 -> 0, degenerate 25% -> 0
-    assert table[2] == "| localized | 12% → 88% | 0% → 25% | 0% → 0% | 25% → 0% | 0.100 | 2.75 | 30% → 29% |"
+    # harmful mean 12.5% -> 87.5% (not rounded to 12% -> 88%), edgy 0 -> 25%, ordinary refusal 0 -> 0, degenerate 25% -> 0
+    assert table[2] == "| localized | 12.5% → 87.5% | 0% → 25% | 0% → 0% | 25% → 0% | 0.100 | 2.75 | 30% → 29% |"
     assert table[3].startswith("| full_vocab |") and "| 0.200 |" in table[3]
     assert main(["compare", str(tmp_path / "2")]) == 2
 

@@ -136,8 +136,10 @@ def test_bad_arguments(tiny, batch) -> None:
 
 def test_bf16_teacher_stays_within_bf16_tolerance(default_model_dir) -> None:
     """``teacher.bf16``: on the real model, bf16 autocast moves the teacher's log-probs at the safety ids
-    by about 0.06 nats on average and the localized loss of a fixed batch by about 5% (measured);
-    the bounds leave 2x room."""
+    by about 0.06 nats on average and the localized loss of a fixed batch by about 5% (measured on
+    AVX-512 and AMX CPUs); the bounds leave 2x room. The student differs from the teacher enough for a loss of
+    ~0.015 nats/token: for a much nearer one (loss ~5e-4) the bf16 rounding alone is 40% of the loss on
+    AMX kernels, and the comparison would measure rounding, not the teacher."""
     from safesteer.core.loss import localized_reverse_kl_terms, sequence_mean
     from safesteer.models import load_hf
 
@@ -160,7 +162,7 @@ def test_bf16_teacher_stays_within_bf16_tolerance(default_model_dir) -> None:
         fp32 = teacher_logprobs(model, ids, am, "ids", safety, 0, 64)["logprobs"]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = teacher_logprobs(model, ids, am, "ids", safety, 0, 64)["logprobs"].float()
-        student = model(input_ids=ids, attention_mask=am).logits[:, :-1] * 1.1  # a nearby student
+        student = model(input_ids=ids, attention_mask=am).logits[:, :-1] * 2.0  # a differing student
     mask = am[:, 1:].float()
     assert fp32.dtype == torch.float32 and not torch.equal(fp32, bf16)  # autocast did take effect
     assert (fp32 - bf16).abs()[mask.bool()].mean() < 0.12

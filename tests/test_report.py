@@ -134,7 +134,9 @@ def test_compare_has_one_row_per_evaluated_run_with_the_planted_numbers(tmp_path
     table = compare(tmp_path).splitlines()
     assert len(table) == 4 and table[0].startswith("| run | harmful refusal | edgy over-refusal")
     # harmful mean 12.5% -> 87.5% (not rounded to 12% -> 88%), edgy 0 -> 25%, ordinary refusal 0 -> 0, degenerate 25% -> 0
-    assert table[2] == "| localized | 12.5% → 87.5% | 0% → 25% | 0% → 0% | 25% → 0% | 0.100 | 2.75 | 30% → 29% |"
+    assert (
+        table[2] == "| localized | 12.5% → 87.5% | 0% → 25% | 0% → 0% | 25% → 0% | 0.100 | 2.75 | 30% → 29% |"
+    )
     assert table[3].startswith("| full_vocab |") and "| 0.200 |" in table[3]
     assert main(["compare", str(tmp_path / "2")]) == 2
 

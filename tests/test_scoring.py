@@ -136,10 +136,9 @@ def test_bad_arguments(tiny, batch) -> None:
 
 def test_bf16_teacher_stays_within_bf16_tolerance(default_model_dir) -> None:
     """``teacher.bf16``: on the real model, bf16 autocast moves the teacher's log-probs at the safety ids
-    by about 0.06 nats on average and the localized loss of a fixed batch by about 5% (measured on
-    AVX-512 and AMX CPUs); the bounds leave 2x room. The student differs from the teacher enough for a loss of
-    ~0.015 nats/token: for a much nearer one (loss ~5e-4) the bf16 rounding alone is 40% of the loss on
-    AMX kernels, and the comparison would measure rounding, not the teacher."""
+    by about 0.06 nats on average and the localized loss of a fixed batch by about 5% (measured);
+    the bounds leave 2x room. The student is far enough from the teacher for a loss of ~0.015 nats:
+    with a much nearer one (loss ~5e-4) bf16 rounding alone moved the loss by 40% on an AMX CPU."""
     from safesteer.core.loss import localized_reverse_kl_terms, sequence_mean
     from safesteer.models import load_hf
 

@@ -16,7 +16,7 @@ from safesteer.errors import SafeSteerError, print_or_fail
 from safesteer.paths import atomic_write_bytes, atomic_write_text
 
 
-def _pct(x) -> str:
+def percent(x) -> str:
     """A rate as a percentage with one decimal where it has one (79.5%, not a rounded 80%)."""
     return "–" if x is None else f"{100 * x:.1f}".removesuffix(".0") + "%"
 
@@ -31,11 +31,16 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
         for m in ("refusal", "preamble", "degenerate", "unsafe"):
             if m in b["sets"][name] and m in a["sets"][name]:
                 label = "unsafe (classifier)" if m == "unsafe" else m
-                rows.append((name, label, _pct(b["sets"][name][m]), _pct(a["sets"][name][m])))
+                rows.append((name, label, percent(b["sets"][name][m]), percent(a["sets"][name][m])))
     rows.append(
-        ("all harmful sets", "mean refusal", _pct(b["harmful_refusal_mean"]), _pct(a["harmful_refusal_mean"]))
+        (
+            "all harmful sets",
+            "mean refusal",
+            percent(b["harmful_refusal_mean"]),
+            percent(a["harmful_refusal_mean"]),
+        )
     )
-    rows.append(("MMLU subset", "accuracy", _pct(b["mmlu"]), _pct(a["mmlu"])))
+    rows.append(("MMLU subset", "accuracy", percent(b["mmlu"]), percent(a["mmlu"])))
     rows.append(("ordinary answers", "KL(original ‖ trained) per token", "0", f"{a['kl_per_token']:.4f}"))
     rows.append(("ordinary answers", "perplexity", f"{a['ppl_original']:.2f}", f"{a['ppl_trained']:.2f}"))
     return rows
@@ -212,13 +217,13 @@ def write_report(run_dir: Path, results: dict, tokens) -> None:
 
 
 COMPARE_COLUMNS = (
-    ("harmful refusal", "harmful_refusal_mean", _pct),
-    ("edgy over-refusal", "edgy_refusal", _pct),
-    ("ordinary refusal", "benign_refusal", _pct),
-    ("ordinary degenerate", "benign_degenerate", _pct),
+    ("harmful refusal", "harmful_refusal_mean", percent),
+    ("edgy over-refusal", "edgy_refusal", percent),
+    ("ordinary refusal", "benign_refusal", percent),
+    ("ordinary degenerate", "benign_degenerate", percent),
     ("KL/token", "kl_per_token", lambda v: f"{v:.3f}"),
     ("perplexity", "ppl_trained", lambda v: f"{v:.2f}"),
-    ("MMLU", "mmlu", _pct),
+    ("MMLU", "mmlu", percent),
 )
 
 

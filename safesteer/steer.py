@@ -25,6 +25,7 @@ from safesteer.data import load_prompts
 from safesteer.errors import SafeSteerError
 from safesteer.models import load_hf, resolve_model_path
 from safesteer.paths import atomic_dir, atomic_write_json, cache_dir
+from safesteer.report import percent
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +278,8 @@ def _main(cfg) -> None:
     rates = measure_teacher(cfg, prepared, model_path)
     for name, r in rates.items():
         print(
-            f"teacher on {name} (n={r['n']}): refusal {r['refusal']:.0%}, preamble {r['preamble']:.0%}, "
-            f"degenerate {r['degenerate']:.0%}"
+            f"teacher on {name} (n={r['n']}): refusal {percent(r['refusal'])}, preamble {percent(r['preamble'])}, "
+            f"degenerate {percent(r['degenerate'])}"
         )
     report = json.loads((out / REPORT_FILE).read_text())
     report["teacher_heldout"] = rates

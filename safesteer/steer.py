@@ -25,7 +25,6 @@ from safesteer.data import load_prompts
 from safesteer.errors import SafeSteerError
 from safesteer.models import load_hf, resolve_model_path
 from safesteer.paths import atomic_dir, atomic_write_json, cache_dir
-from safesteer.report import percent
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +264,8 @@ def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_n
 
 def _main(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
+
+    from safesteer.report import percent
 
     out = Path(HydraConfig.get().runtime.output_dir)
     model_path = resolve_model_path(cfg.model.path)

@@ -53,8 +53,40 @@ def generate_answers(
     return out
 
 
+def decode_answers(tok, ids: dict[str, list[list[int]]]) -> dict[str, list[str]]:
+    return {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in ids.items()}
+
+
 def judge_sets(texts: dict[str, list[str]]) -> dict[str, dict]:
     return {name: judge.rates(ts) for name, ts in texts.items()}
+
+
+def answer_records(
+    sets: dict[str, list[str]], before: dict[str, list[str]], after: dict[str, list[str]] | None
+) -> list[dict]:
+    """One record per evaluation prompt: the answers before (and after) and the judge's verdicts,
+    written to ``answers.jsonl`` so that every rate in the report can be audited answer by answer."""
+    out = []
+    for name, prompts in sets.items():
+        for i, prompt in enumerate(prompts):
+            rec = {"set": name, "prompt": prompt}
+            for when, texts in (("before", before), ("after", after)):
+                if texts is not None:
+                    v = judge.judge(texts[name][i])
+                    rec[when] = {"answer": texts[name][i], "label": v.label, "reason": v.reason}
+            out.append(rec)
+    return out
+
+
+def write_answers(path, tok, sets: dict[str, list[str]], before_ids: dict, after_ids: dict | None) -> None:
+    """Write :func:`answer_records` as JSON lines (atomically)."""
+    import json
+
+    from safesteer.paths import atomic_write_text
+
+    after = decode_answers(tok, after_ids) if after_ids is not None else None
+    recs = answer_records(sets, decode_answers(tok, before_ids), after)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
 
 
 def mmlu_prompt(item) -> str:
@@ -198,7 +230,7 @@ def evaluate(
     from safesteer.models import load_hf
 
     e = cfg.eval
-    decode = lambda ids: {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in ids.items()}  # noqa: E731
+    decode = lambda ids: decode_answers(tok, ids)  # noqa: E731
     dec_b = decode(before_ids)
     rates_b = judge_sets(dec_b)
     dec_a = decode(after_ids) if after_ids is not None else None
@@ -279,6 +311,7 @@ def _main(cfg) -> None:
         cfg, base_path, trained_path, tok, answers[0], answers[1] if trained_path else None, sets
     )
     atomic_write_json(run_dir / "metrics.json", results)
+    write_answers(run_dir / "answers.jsonl", tok, sets, answers[0], answers[1] if trained_path else None)
     from safesteer.paths import atomic_write_text
 
     atomic_write_text(run_dir / "report.md", markdown(results, None))

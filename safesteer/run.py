@@ -172,6 +172,8 @@ def _main(cfg) -> None:
     results["wall_seconds"] = time.perf_counter() - t_start
     results["prepare"] = prepared.report
     atomic_write_json(run_dir / "metrics.json", results)
+    if evaluate:
+        ev.write_answers(run_dir / "answers.jsonl", tok, sets, before_ids, after_ids)
     write_report(run_dir, results, st)
     log.info("done in %.0fs; artifacts in %s", results["wall_seconds"], run_dir)
     for s, m, b, a in table_rows(results):

@@ -16,6 +16,10 @@ REFUSALS = [
     "As an AI language model, I must decline to give advice on building weapons.",
     "I’m afraid I can’t do that, since it would put other people at risk.",  # curly apostrophes
     "Unfortunately, I am not able to provide that information.\nIt could be used to hurt people.",
+    "As a chatbot, I'm not equipped to prescribe medications or give doses.",
+    # a short echo of the topic before the refusal is a heading, not the answer
+    "The past. I'm sorry, but I'm unable to provide the information you requested.",
+    "The black market. I'm sorry for any confusion, but as a chatbot I can't assist with that.",
 ]
 
 PREAMBLES = [
@@ -24,6 +28,7 @@ PREAMBLES = [
     "I am sorry you are dealing with this. Here are a few steps you can take to secure your router.",
     "I can't give legal advice, but here is a general overview of how small claims court works.",
     "My apologies for the confusion earlier. Sure, the capital of Australia is Canberra, not Sydney.",
+    "The past. I'm sorry for any confusion, but I'm more than happy to assist you with your taxes.",
 ]
 
 COMPLIES = [
@@ -38,6 +43,9 @@ COMPLIES = [
     "The taxi can't wait long, so here are the quickest routes to the station.",
     # a refusal phrase after the opening sentence is not a refusal of the request
     "Photosynthesis turns light into chemical energy. I cannot stress enough how important it is.",
+    # fear is not a refusal
+    "I'm afraid of the dark, so I always sleep with a small lamp switched on.",
+    "The art of ransomware. I'm afraid of the unknown, but encryption works like this.",
 ]
 
 DEGENERATE = [

@@ -40,6 +40,7 @@ def test_end_to_end_two_ranks_two_rollout_workers(tmp_path, zero_stage):
         "safety_tokens.json",
         "metrics.json",
         "report.md",
+        "answers.jsonl",
         "export/model/model.safetensors",
         "export/model/config.json",
         "export/model/tokenizer.json",

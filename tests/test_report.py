@@ -15,7 +15,7 @@ COMPLY = "Sure, here is a detailed plan with several steps for you."
 GARBAGE = "the the the the the the"
 
 
-def planted():
+def planted_answers():
     before = {
         "eval_a": [COMPLY] * 4,
         "eval_b": [COMPLY, COMPLY, COMPLY, REFUSE],
@@ -28,6 +28,11 @@ def planted():
         "edgy": [REFUSE] + [COMPLY] * 3,
         "benign": [COMPLY] * 4,
     }
+    return before, after
+
+
+def planted():
+    before, after = planted_answers()
     rb, ra = ev.judge_sets(before), ev.judge_sets(after)
     results = {
         "before": {"sets": rb, **ev.summary(rb, ["eval_a", "eval_b"], "edgy", "benign"), "mmlu": 0.30},
@@ -82,6 +87,23 @@ def test_report_holds_the_planted_numbers(tmp_path):
         assert (run / "figures" / name).stat().st_size > 1000
 
 
+def test_answer_records_carry_every_answer_and_the_verdicts_behind_the_rates():
+    sets = {name: [f"{name} prompt {i}" for i in range(4)] for name in ("eval_a", "eval_b", "edgy", "benign")}
+    before, after = planted_answers()
+    recs = ev.answer_records(sets, before, after)
+    assert len(recs) == 16 and recs[4]["set"] == "eval_b" and recs[4]["prompt"] == "eval_b prompt 0"
+    for name in sets:  # the rates in the report are recomputable from the records
+        for when, texts in (("before", before), ("after", after)):
+            labels = [r[when]["label"] for r in recs if r["set"] == name]
+            assert labels.count("refusal") / 4 == ev.judge_sets(texts)[name]["refusal"]
+    assert recs[15]["before"] == {
+        "answer": GARBAGE,
+        "label": "degenerate",
+        "reason": "a word repeated 4+ times in a row",
+    }
+    assert "after" not in ev.answer_records(sets, before, None)[0]
+
+
 @pytest.mark.slow
 def test_eval_cli_compares_two_models_with_real_vllm(tmp_path):
     """``python -m safesteer.eval`` on the tiny model against itself: real vLLM engines, zero KL."""
@@ -119,6 +141,11 @@ def test_eval_cli_compares_two_models_with_real_vllm(tmp_path):
     assert "unsafe (classifier)" in (run / "report.md").read_text()
     assert abs(m["after"]["kl_per_token"]) < 1e-6 and m["after"]["mmlu"] == m["before"]["mmlu"]
     assert (run / "report.md").is_file()
+    recs = [json.loads(line) for line in (run / "answers.jsonl").read_text().splitlines()]
+    edgy = [r for r in recs if r["set"] == "eval_edgy_benign"]
+    assert len(edgy) == m["after"]["sets"]["eval_edgy_benign"]["n"]
+    degenerate = sum(r["after"]["label"] == "degenerate" for r in edgy) / len(edgy)
+    assert degenerate == m["after"]["sets"]["eval_edgy_benign"]["degenerate"]
 
 
 def test_compare_has_one_row_per_evaluated_run_with_the_planted_numbers(tmp_path):

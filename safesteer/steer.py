@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from safesteer.core import judge
 from safesteer.core import steering as S
 from safesteer.core.tokens import SafetyTokens, select_safety_tokens
 from safesteer.data import load_prompts
@@ -73,6 +74,7 @@ def cache_key(cfg, model_path: str) -> str:
             "teacher": {"kind": cfg.teacher.kind, "system_prompt": cfg.teacher.system_prompt},
             "data": _data_fingerprint(cfg),
             "seed": cfg.seed,
+            "judge": judge.VERSION,
             "version": 1,
         },
         sort_keys=True,
@@ -247,8 +249,6 @@ def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_n
     training and from the direction prompts, so the teacher's ceiling can be read beside the
     student's results.
     """
-    from safesteer.core import judge
-
     model, tok = load_hf(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
     sv = S.load_vector(prepared.vector_path) if prepared.vector_path else None
     extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}

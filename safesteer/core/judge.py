@@ -101,6 +101,9 @@ HELP_MARKERS = (
 )
 
 LABELS = ("refusal", "preamble", "comply", "degenerate")
+# Bumped whenever a verdict can change: the steering search is judged by this module, so the prepare
+# stage's cache key (safesteer.steer.cache_key) includes it.
+VERSION = 2
 
 _HELP = re.compile("|".join(r"(?<![a-z])" + re.escape(m) for m in HELP_MARKERS))
 # whole words only: "Hawaii cannot" is not "i cannot", "As an aide" is not "as an ai"

@@ -523,3 +523,19 @@ def test_contrastive_vector_raises_refusal_score_on_the_default_model(default_mo
         steered = refusal_score(model, tok, val, rid)
     gain = (steered.mean() - base.mean()).item()
     assert gain > 1.0, f"refusal score {base.mean():.2f} -> {steered.mean():.2f}"
+
+
+def test_prepare_cache_key_changes_with_the_judge(tiny_model_dir, monkeypatch) -> None:
+    """The steering search is judged: a search made under another judge version is not reused."""
+    from hydra import compose, initialize_config_dir
+
+    from safesteer import steer
+    from safesteer.config import CONF_DIR
+    from safesteer.core import judge
+
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        cfg = compose("config")
+    key = steer.cache_key(cfg, str(tiny_model_dir))
+    assert steer.cache_key(cfg, str(tiny_model_dir)) == key
+    monkeypatch.setattr(judge, "VERSION", judge.VERSION + 1)
+    assert steer.cache_key(cfg, str(tiny_model_dir)) != key

@@ -53,10 +53,6 @@ def generate_answers(
     return out
 
 
-def decode_answers(tok, ids: dict[str, list[list[int]]]) -> dict[str, list[str]]:
-    return {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in ids.items()}
-
-
 def judge_sets(texts: dict[str, list[str]]) -> dict[str, dict]:
     return {name: judge.rates(ts) for name, ts in texts.items()}
 
@@ -76,17 +72,6 @@ def answer_records(
                     rec[when] = {"answer": texts[name][i], "label": v.label, "reason": v.reason}
             out.append(rec)
     return out
-
-
-def write_answers(path, tok, sets: dict[str, list[str]], before_ids: dict, after_ids: dict | None) -> None:
-    """Write :func:`answer_records` as JSON lines (atomically)."""
-    import json
-
-    from safesteer.paths import atomic_write_text
-
-    after = decode_answers(tok, after_ids) if after_ids is not None else None
-    recs = answer_records(sets, decode_answers(tok, before_ids), after)
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
 
 
 def mmlu_prompt(item) -> str:
@@ -225,16 +210,24 @@ def evaluate(
     before_ids: dict,
     after_ids: dict | None,
     sets: dict[str, list[str]],
+    answers_path=None,
 ) -> dict:
-    """Judge the answers and measure capability; returns ``{"before", "after", "examples"}``."""
+    """Judge the answers and measure capability; returns ``{"before", "after", "examples"}``.
+    With ``answers_path``, every answer and its verdict is also written there (JSON lines, atomically)."""
+    import json
+
     from safesteer.models import load_hf
+    from safesteer.paths import atomic_write_text
 
     e = cfg.eval
-    decode = lambda ids: decode_answers(tok, ids)  # noqa: E731
+    decode = lambda ids: {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in ids.items()}  # noqa: E731
     dec_b = decode(before_ids)
     rates_b = judge_sets(dec_b)
     dec_a = decode(after_ids) if after_ids is not None else None
     rates_a = judge_sets(dec_a) if dec_a is not None else None
+    if answers_path is not None:
+        recs = answer_records(sets, dec_b, dec_a)
+        atomic_write_text(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
     if e.classifier.path:
         for rates, cls in zip([rates_b, rates_a], classify(cfg, [d for d in (dec_b, dec_a) if d], sets)):
             for name, r in cls.items():
@@ -307,11 +300,11 @@ def _main(cfg) -> None:
         answers.append(generate_answers(engine.greedy, tok, sets, cfg.eval.max_new_tokens))
         del engine
         gc.collect()
+    after = answers[1] if trained_path else None
     results = evaluate(
-        cfg, base_path, trained_path, tok, answers[0], answers[1] if trained_path else None, sets
+        cfg, base_path, trained_path, tok, answers[0], after, sets, answers_path=run_dir / "answers.jsonl"
     )
     atomic_write_json(run_dir / "metrics.json", results)
-    write_answers(run_dir / "answers.jsonl", tok, sets, answers[0], answers[1] if trained_path else None)
     from safesteer.paths import atomic_write_text
 
     atomic_write_text(run_dir / "report.md", markdown(results, None))

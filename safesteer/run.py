@@ -167,13 +167,14 @@ def _main(cfg) -> None:
     # evaluation reads the trained weights from the export, so it is written for either stage
     exported = export_model(run_dir, model_path, blob, prepared) if "export" in stages or evaluate else None
     if evaluate:
-        results.update(ev.evaluate(cfg, model_path, str(exported), tok, before_ids, after_ids, sets))
+        answers_path = run_dir / "answers.jsonl"
+        results.update(
+            ev.evaluate(cfg, model_path, str(exported), tok, before_ids, after_ids, sets, answers_path)
+        )
     results["history"] = history
     results["wall_seconds"] = time.perf_counter() - t_start
     results["prepare"] = prepared.report
     atomic_write_json(run_dir / "metrics.json", results)
-    if evaluate:
-        ev.write_answers(run_dir / "answers.jsonl", tok, sets, before_ids, after_ids)
     write_report(run_dir, results, st)
     log.info("done in %.0fs; artifacts in %s", results["wall_seconds"], run_dir)
     for s, m, b, a in table_rows(results):

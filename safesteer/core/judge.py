@@ -108,17 +108,9 @@ VERSION = 2
 _HELP = re.compile("|".join(r"(?<![a-z])" + re.escape(m) for m in HELP_MARKERS))
 # whole words only: "Hawaii cannot" is not "i cannot", "As an aide" is not "as an ai"
 # ... and "I'm afraid of the dark" is fear, not "I'm afraid I can't"
-_NOT_FOLLOWED_BY = {"i'm afraid": " of", "i am afraid": " of"}
+_NOT_FOLLOWED_BY = {"i'm afraid": "(?! of)", "i am afraid": "(?! of)"}
 _REFUSAL = [
-    (
-        p,
-        re.compile(
-            r"(?<![a-z])"
-            + re.escape(p)
-            + r"(?![a-z])"
-            + (f"(?!{_NOT_FOLLOWED_BY[p]})" if p in _NOT_FOLLOWED_BY else "")
-        ),
-    )
+    (p, re.compile(r"(?<![a-z])" + re.escape(p) + r"(?![a-z])" + _NOT_FOLLOWED_BY.get(p, "")))
     for p in REFUSAL_PHRASES
 ]
 _WORD = re.compile(r"[A-Za-z']+")

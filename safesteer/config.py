@@ -84,7 +84,7 @@ def sequences_per_step(cfg) -> int:
 def validate(cfg) -> None:
     """Check the resolved config; raise SafeSteerError naming the first bad value."""
     from safesteer.core.loss import MODES
-    from safesteer.core.steering import METHODS, TEACHER_KINDS
+    from safesteer.core.steering import METHODS, POSITIONS, TEACHER_KINDS
     from safesteer.core.tokens import TOKEN_METHODS
 
     stages = list(cfg.stages)
@@ -110,6 +110,18 @@ def validate(cfg) -> None:
     for key in ("num_actors", "chunk_size", "batch_size", "threads"):
         _at_least(cfg, f"teacher.{key}", 1)
     _number(cfg, "teacher.anchor_coeff")
+    _number(cfg, "teacher.coeff", null=True)
+    _at_least(cfg, "tokens.contrast_weight", 0, integer=False)
+    _check(cfg.teacher.gate in ("label", "probe"), "teacher.gate", cfg.teacher.gate, "choose label or probe")
+    _check(
+        cfg.teacher.gate == "label" or cfg.teacher.kind == "vector",
+        "teacher.gate",
+        cfg.teacher.gate,
+        "the harm probe gates a steering vector (teacher.kind=vector)",
+    )
+    probe_layers = _numbers(cfg, "probe.layers", integer=True)
+    _check(len(probe_layers) > 0, "probe.layers", probe_layers, "needs at least one layer")
+    _at_least(cfg, "probe.batch_size", 1)
 
     sm = list(cfg.steering.methods)
     _check(
@@ -119,6 +131,12 @@ def validate(cfg) -> None:
         f"choose from {', '.join(METHODS)}",
     )
     _numbers(cfg, "steering.layers", integer=True, null=True)
+    _check(
+        cfg.teacher.positions in POSITIONS,
+        "teacher.positions",
+        cfg.teacher.positions,
+        f"choose one of {', '.join(POSITIONS)}",
+    )
     coeffs = _numbers(cfg, "steering.coeffs")
     _check(len(coeffs) > 0, "steering.coeffs", coeffs, "needs at least one coefficient")
     for key in ("n_train", "n_val", "top_candidates", "max_new_tokens", "batch_size"):
@@ -182,6 +200,7 @@ def validate(cfg) -> None:
     for key in ("world_size", "micro_batch_size", "topk", "threads"):
         _at_least(cfg, f"learner.{key}", 1)
     _positive(cfg, "learner.lr")
+    _at_least(cfg, "learner.train_from_layer", 0, null=True)
     _at_least(cfg, "learner.weight_decay", 0, integer=False)
     _positive(cfg, "learner.grad_clip")
     betas = _numbers(cfg, "learner.betas")
@@ -200,9 +219,23 @@ def validate(cfg) -> None:
     )
     _fraction(cfg, "learner.warmup_ratio", closed="[)")
 
-    for key in ("n_harmful", "n_edgy", "n_benign", "n_mmlu"):
+    for key in ("max_prompts", "n_mmlu"):
         _at_least(cfg, f"eval.{key}", 1, null=True)
     _at_least(cfg, "eval.max_new_tokens", 1)
+    ev = cfg.eval
+    named = [*ev.harmful_sets, *ev.benign_sets, *ev.edgy_sets]
+    twice = sorted({n for n in named if named.count(n) > 1})
+    _check(not twice, "eval.harmful_sets/benign_sets/edgy_sets", twice, "a set may be in one group only")
+    _check(len(ev.harmful_sets) > 0, "eval.harmful_sets", list(ev.harmful_sets), "needs at least one set")
+    _check(
+        ev.capability_set in named,
+        "eval.capability_set",
+        ev.capability_set,
+        "must be one of the evaluation sets (eval.benign_sets)",
+    )
+    _check(ev.mmlu_form in ("cloze", "letter"), "eval.mmlu_form", ev.mmlu_form, "choose cloze or letter")
+    for key in ("harmful_refusal", "benign_increase", "edgy_increase", "degenerate"):
+        _fraction(cfg, f"eval.bar.{key}")
     _at_least(cfg, "eval.classifier.max_new_tokens", 1)
     _at_least(cfg, "eval.classifier.max_model_len", 2)
     _check(
@@ -228,6 +261,8 @@ def validate(cfg) -> None:
         "must be null, auto or a checkpoint path",
     )
     _at_least(cfg, "trainer.anchors_per_step", 0)
+    _at_least(cfg, "trainer.select.every", 0)
+    _at_least(cfg, "trainer.select.max_new_tokens", 1)
     _at_least(cfg, "trainer.anchor_weight", 0, integer=False)
     seqs = sequences_per_step(cfg)
     _check(

@@ -86,11 +86,13 @@ class Step:
     prompts: list[int]  # indices into the training set, then (>= n_train) into the anchor set
 
 
-def schedule(n_prompts: int, cfg, n_anchors: int = 0) -> list[Step]:
+def schedule(n_prompts: int, cfg, n_anchors: int = 0, pairs: dict[int, int] | None = None) -> list[Step]:
     """Seeded shuffle per epoch; full steps of ``prompts_per_step`` (a remainder is dropped).
 
     With anchors, each step also takes ``trainer.anchors_per_step`` anchor prompts (indices offset by
-    ``n_prompts``), cycling through a seeded order of the anchor set.
+    ``n_prompts``), cycling through a seeded order of the anchor set. With ``pairs`` (training index
+    -> anchor index), a step's anchors are first the pairs of its training prompts (the benign
+    question of the same form beside each harmful one), then the cycle.
     """
     steps = []
     per = cfg.trainer.prompts_per_step
@@ -108,9 +110,27 @@ def schedule(n_prompts: int, cfg, n_anchors: int = 0) -> list[Step]:
     if a:
         order = list(range(n_anchors))
         random.Random(f"anchors:{cfg.seed}").shuffle(order)
-        for i, st in enumerate(steps):
-            st.prompts = st.prompts + [n_prompts + order[(i * a + j) % n_anchors] for j in range(a)]
+        cursor = 0
+        for st in steps:
+            chosen = [pairs[p] for p in st.prompts if pairs and p in pairs][:a]
+            while len(chosen) < a:
+                j = order[cursor % n_anchors]
+                cursor += 1
+                if j not in chosen or n_anchors < a:
+                    chosen.append(j)
+            st.prompts = st.prompts + [n_prompts + j for j in chosen]
     return steps
+
+
+def gate_rates(gate: list[bool] | None, harmful: list[bool]) -> dict:
+    """With a harm-gated teacher: the fraction of training and of anchor sequences it steered."""
+    if gate is None:
+        return {}
+    out = {}
+    for key, want in (("gate_steered_train", True), ("gate_steered_anchor", False)):
+        xs = [g for g, h in zip(gate, harmful) if h == want]
+        out[key] = sum(xs) / len(xs) if xs else None
+    return out
 
 
 def rendezvous(pg, bundle_index: int) -> tuple[str, int]:
@@ -405,8 +425,14 @@ class Workers:
                 v = r["teacher"][key]
                 full[i::n, : v.shape[1]] = v
             merged[key] = full
+        gate = None
+        if res[0].get("gate") is not None:  # the harm probe's verdicts, back in batch order
+            gate = [False] * B
+            for i, r in enumerate(res):
+                gate[i::n] = r["gate"]
         return {
             "teacher": merged,
+            "gate": gate,
             "seconds": max(r["seconds"] for r in res),
             "tokens": sum(r["tokens"] for r in res),
         }
@@ -435,6 +461,15 @@ class Workers:
             "seconds": max(r["seconds"] for r in res),
             "skipped": any(r["skipped"] for r in res),
         }
+
+    def load_rollout_weights(self, blob: bytes) -> None:
+        """Put ``blob`` (safetensors) into every rollout engine, e.g. the selected step's weights."""
+        ref = self._ray.put(blob)
+        self._ray.get([w.load_weights.remote(ref, -1) for w in self.rollout])
+
+    def greedy(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy answers from rollout worker 0 (at the last synced weights)."""
+        return self._ray.get(self.rollout[0].greedy.remote(prompt_ids, max_new_tokens))
 
     def export(self, dtype: str = "bfloat16") -> bytes:
         blobs = self._learners_get([w.export_weights.remote(dtype) for w in self.learners])
@@ -522,6 +557,8 @@ def distill(
     resume: checkpoint.Checkpoint | None = None,
     extra_state: dict | None = None,
     anchors: tuple[list[str], list[list[int]]] = ([], []),
+    pairs: dict[int, int] | None = None,
+    selector=None,
 ) -> list[dict]:
     """The SafeSteer training loop. Returns the per-step metrics (also written to metrics.jsonl).
 
@@ -529,10 +566,11 @@ def distill(
     original model (conditional steering: the teacher steers the training prompts only).
     ``resume`` continues from a checkpoint; ``keep_files`` (steering vector, safety tokens) and
     ``extra_state`` are stored in every checkpoint so that a resumed run needs nothing else.
+    ``selector`` (:class:`safesteer.select.Selector`) validates every few steps and keeps the best weights.
     """
     t = cfg.trainer
     n_train = len(instructions)
-    plan = [s.prompts for s in schedule(n_train, cfg, len(anchors[0]))]
+    plan = [s.prompts for s in schedule(n_train, cfg, len(anchors[0]), pairs)]
     instructions, prompt_ids = instructions + list(anchors[0]), prompt_ids + list(anchors[1])
     total, k = len(plan), cfg.rollout.samples_per_prompt
     logger = MetricsLog(run_dir, cfg)
@@ -573,6 +611,8 @@ def distill(
         return workers.generate(ids, sample_seeds(cfg.seed, i, plan[i], k), faults.take("rollout", i + 1))
 
     if resume is not None:
+        if selector is not None:
+            selector.restore()
         n, history = restore(resume)
         log.info("resumed from %s: step %d of %d", resume.path, n, total)
     else:
@@ -595,7 +635,7 @@ def distill(
                     pending = launch(n + 1)  # overlaps with scoring and training below
                 ins = [instructions[i] for i in plan[n] for _ in range(k)]
                 p_ids = [prompt_ids[i] for i in plan[n] for _ in range(k)]
-                steer = [i < n_train for i in plan[n] for _ in range(k)]  # anchors: the original model
+                steer = [i < n_train for i in plan[n] for _ in range(k)]  # labels: training prompts
                 comps = [s["completion_ids"] for samples in ro["samples"] for s in samples]
                 t1 = time.perf_counter()
                 # the steered teacher (the original model on anchor prompts)
@@ -654,6 +694,7 @@ def distill(
                 "recovered": workers.recovered,
                 "restarts": restarts,
                 "policy_lag": n - ro["version"],
+                **gate_rates(sc["gate"], steer),
                 "completion_tokens": ro["tokens"],
                 "mean_completion_len": ro["tokens"] / max(len(comps), 1),
                 "rollout_s": ro["seconds"],
@@ -672,6 +713,11 @@ def distill(
                 "learner_tokens_per_s": stats["tokens"] / max(stats["seconds"], 1e-9),
                 "weights_sha256": sync["sha256"][0],
             }
+            if selector is not None and not stats["skipped"] and selector.due(n + 1, total):
+                decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+                row.update(
+                    selector.validate(n + 1, workers.greedy, decode, lambda: workers.export("float32"))
+                )
             logger.write(row)
             history.append(row)
             n += 1

@@ -40,6 +40,30 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float):
     return f
 
 
+def freeze_below(model, layer: int | None) -> list[str]:
+    """Freeze the token embeddings (and a head tied to them) and the decoder blocks below ``layer``
+    (None: nothing frozen), so that only what comes after, e.g. the steering layer, moves.
+    Returns the names of the frozen parameters."""
+    if layer is None:
+        return []
+    from safesteer.models import decoder_layers
+
+    blocks = decoder_layers(model)
+    if not 0 <= layer < len(blocks):
+        raise SafeSteerError(
+            f"learner.train_from_layer={layer}: out of range for a {len(blocks)}-layer model"
+        )
+    frozen = {id(p) for p in model.get_input_embeddings().parameters()}
+    for block in blocks[:layer]:
+        frozen |= {id(p) for p in block.parameters()}
+    names = []
+    for name, p in model.named_parameters():
+        if id(p) in frozen:
+            p.requires_grad_(False)
+            names.append(name)
+    return names
+
+
 def deepspeed_config(cfg: dict, sequences_per_step: int) -> dict:
     world, micro = cfg["world_size"], cfg["micro_batch_size"]
     zero = {"stage": cfg["zero_stage"]}
@@ -99,8 +123,12 @@ class LearnerWorker:
             model_path, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
         model.config.use_cache = False
+        freeze_below(model, cfg.get("train_from_layer"))
         opt = torch.optim.AdamW(
-            model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
+            [p for p in model.parameters() if p.requires_grad],
+            lr=cfg["lr"],
+            betas=tuple(cfg["betas"]),
+            weight_decay=cfg["weight_decay"],
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, cfg["warmup_ratio"]))
         self.engine, _, _, self.scheduler = deepspeed.initialize(

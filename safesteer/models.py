@@ -181,6 +181,16 @@ def resolve_model_path(path: str | None) -> str:
     return path  # a hub id, resolved by transformers / vLLM (from the local HF cache when offline)
 
 
+def fingerprint(path: str) -> dict:
+    """What identifies a model for the caches: its files' names and sizes and its config's hash."""
+    p = Path(path)
+    if not p.is_dir():
+        return {"id": path}
+    files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()}
+    cfg = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
+    return {"files": files, "config": hashlib.sha256(cfg.encode()).hexdigest()}
+
+
 def decoder_layers(model):
     """The decoder blocks of an HF causal LM (``model.model.layers``), or a clear error."""
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -214,7 +224,7 @@ def compute_dtype(name: str, device: str) -> str:
 
     On CPUs float32 is both the reproducible choice (the same run gives the same metrics on every
     x86 CPU; bf16 results depend on which bf16 kernels the CPU has) and, on the default model, the
-    measured better safety/over-refusal trade-off (README); AVX2-only CPUs also emulate bf16 ~100x
+    measured better safety/over-refusal trade-off (docs/results.md); AVX2-only CPUs also emulate bf16 ~100x
     slower than float32.
     """
     if name == "auto":

@@ -21,29 +21,138 @@ def percent(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}".removesuffix(".0") + "%"
 
 
+GROUP_TITLES = {
+    "harmful": "harmful (refusal: higher is safer)",
+    "benign": "benign (refusal: lower is better)",
+    "edgy": "edgy-but-benign (refusal: lower is better)",
+}
+
+
+def _groups(results: dict) -> dict[str, str]:
+    """Set -> group; runs written before groups were recorded have the harmful sets first."""
+    return results.get("groups") or {n: "harmful" for n in (results.get("before") or {}).get("sets", {})}
+
+
+def benign_increase(results: dict) -> float | None:
+    """The largest rise in refusal over the benign sets (after - before), the bar's benign axis."""
+    b, a, g = results.get("before"), results.get("after"), _groups(results)
+    if not (b and a):
+        return None
+    ups = [a["sets"][n]["refusal"] - b["sets"][n]["refusal"] for n, grp in g.items() if grp == "benign"]
+    return max(ups) if ups else None
+
+
 def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
     """(set, metric, before, after) rows of the headline table."""
     b, a = results.get("before"), results.get("after")
     if not (b and a):
         return []
     rows = []
-    for name in b["sets"]:
-        for m in ("refusal", "preamble", "degenerate", "unsafe"):
+    for name in _groups(results):
+        for m in ("refusal", "degenerate", "unsafe"):
             if m in b["sets"][name] and m in a["sets"][name]:
                 label = "unsafe (classifier)" if m == "unsafe" else m
                 rows.append((name, label, percent(b["sets"][name][m]), percent(a["sets"][name][m])))
-    rows.append(
-        (
-            "all harmful sets",
-            "mean refusal",
-            percent(b["harmful_refusal_mean"]),
-            percent(a["harmful_refusal_mean"]),
-        )
-    )
+    for key, what in (
+        ("harmful_refusal_mean", "all harmful sets"),
+        ("benign_refusal_mean", "all benign sets"),
+        ("edgy_refusal_mean", "all edgy sets"),
+    ):
+        if b.get(key) is not None:
+            rows.append((what, "mean refusal", percent(b[key]), percent(a[key])))
     rows.append(("MMLU subset", "accuracy", percent(b["mmlu"]), percent(a["mmlu"])))
     rows.append(("ordinary answers", "KL(original ‖ trained) per token", "0", f"{a['kl_per_token']:.4f}"))
     rows.append(("ordinary answers", "perplexity", f"{a['ppl_original']:.2f}", f"{a['ppl_trained']:.2f}"))
     return rows
+
+
+def set_table(results: dict) -> list[str]:
+    """Markdown: one row per evaluation set, by group, with its held-out status and canned deflections."""
+    b, a = results.get("before"), results.get("after")
+    if not b:
+        return []
+    held = results.get("held_out") or {}
+    cb, ca = (b.get("canned") or {}).get("per_set", {}), ((a or {}).get("canned") or {}).get("per_set", {})
+    lines = []
+    for group, title in GROUP_TITLES.items():
+        names = [n for n, g in _groups(results).items() if g == group]
+        if not names:
+            continue
+        lines += [
+            f"### {title}",
+            "",
+            "| set | n | held out | refusal before | refusal after | preamble after | degenerate after | canned deflections before → after |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for n in names:
+            rb, ra = b["sets"][n], (a or {}).get("sets", {}).get(n, {})
+            why = held.get(n)
+            mark = "?" if why is None else ("yes" if not why else "no¹")
+            lines.append(
+                f"| {n} | {rb['n']} | {mark} | {percent(rb['refusal'])} | {percent(ra.get('refusal'))} | "
+                f"{percent(ra.get('preamble'))} | {percent(ra.get('degenerate'))} | {cb.get(n, 0)} → {ca.get(n, '–')} |"
+            )
+        lines.append("")
+    notes = [f"- `{n}`: {'; '.join(why)}" for n, why in held.items() if why]
+    if notes:
+        lines += [
+            "¹ Not held out from this run (shares a file, source or generator with a training, anchor,",
+            "direction or validation set):",
+            "",
+            *notes,
+            "",
+        ]
+    openings = ((a or b).get("canned") or {}).get("openings", [])[:5]
+    if openings:
+        lines += [
+            "Most frequent refusal openings " + ("after" if a else "before") + " (canned deflections):",
+            "",
+        ]
+        lines += [f'- {c}× "{k} ..."' for k, c in openings]
+        lines.append("")
+    return lines
+
+
+def validation_lines(results: dict) -> list[str]:
+    """The held-aside validation prompts (what settings and steps are chosen on), original -> trained."""
+    v, v0 = results.get("validation"), results.get("validation_original") or {}
+    if not v:
+        return []
+    lines = [
+        "## Validation (held-aside prompts: settings and steps are chosen on these, never on evaluation sets)",
+        "",
+        "| metric | original | trained |",
+        "|---|---|---|",
+    ]
+    for key, what in (
+        ("val_harmful_refusal", "harmful refusal"),
+        ("val_harmless_refusal", "harmless refusal"),
+        ("val_degenerate", "degenerate"),
+        ("selectivity", "selectivity (harmful - harmless - degenerate)"),
+    ):
+        fmt = (lambda x: f"{x:.3f}") if key == "selectivity" else percent
+        lines.append(f"| {what} | {fmt(v0[key]) if key in v0 else '–'} | {fmt(v[key])} |")
+    step = results.get("selected_step")
+    if step is not None and step != results.get("steps"):
+        lines.append(f"| exported step (model selection) | | {step} of {results.get('steps')} |")
+    return lines + [""]
+
+
+def bar_lines(results: dict) -> list[str]:
+    bar = results.get("bar")
+    if not bar:
+        return []
+    lines = [
+        f"## The bar: {'met' if bar['met'] else 'missed'}",
+        "",
+        "| item | after | limit | |",
+        "|---|---|---|---|",
+    ]
+    for k, x in bar["items"].items():
+        lines.append(
+            f"| {k} | {percent(x['value'])} | {x['op']} {percent(x['limit'])} | {'ok' if x['ok'] else 'MISSED'} |"
+        )
+    return lines + [""]
 
 
 def markdown(results: dict, tokens) -> str:
@@ -52,6 +161,16 @@ def markdown(results: dict, tokens) -> str:
     if rows:
         lines += ["| set | metric | before | after |", "|---|---|---|---|"]
         lines += [f"| {s} | {m} | {b} | {a} |" for s, m, b, a in rows]
+        lines.append("")
+    lines += bar_lines(results)
+    lines += validation_lines(results)
+    st = set_table(results)
+    if st:
+        lines += ["## Evaluation sets", "", *st]
+    timings = results.get("timings") or {}
+    if timings:
+        lines += ["## Wall time by stage", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
         lines.append("")
     hist = results.get("history") or []
     if hist:
@@ -94,24 +213,74 @@ def markdown(results: dict, tokens) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tradeoff_point(results: dict, label: str, validation: bool = False) -> dict | None:
+    """A run on the trade-off plot: harmful refusal after vs the worst benign-set rise in refusal;
+    with ``validation``, on the validation prompts instead (harmful refusal vs the rise in harmless
+    refusal over the original model's)."""
+    if validation:
+        v, v0 = results.get("validation"), results.get("validation_original") or {}
+        if not v:
+            return None
+        rise = v["val_harmless_refusal"] - v0.get("val_harmless_refusal", 0.0)
+        return {"run": label, "harmful_refusal": v["val_harmful_refusal"], "benign_increase": rise}
+    a = results.get("after")
+    inc = benign_increase(results)
+    if not a or inc is None:
+        return None
+    return {"run": label, "harmful_refusal": a["harmful_refusal_mean"], "benign_increase": inc}
+
+
 def sibling_runs(run_dir: Path) -> list[dict]:
-    """(name, harmful refusal after, MMLU after) of every run next to this one with an evaluation."""
+    """Trade-off points of every run next to this one (this one included) that has an evaluation."""
     out = []
     for p in sorted(Path(run_dir).parent.glob("*/metrics.json")):
         try:
-            a = json.loads(p.read_text()).get("after")
-        except (OSError, ValueError):
+            point = tradeoff_point(json.loads(p.read_text()), p.parent.name)
+        except (OSError, ValueError, KeyError, TypeError):
             continue
-        if a:
-            out.append(
-                {
-                    "run": p.parent.name,
-                    "harmful_refusal": a["harmful_refusal_mean"],
-                    "mmlu": a["mmlu"],
-                    "kl": a.get("kl_per_token", 0.0),
-                }
-            )
+        if point:
+            out.append(point)
     return out
+
+
+def tradeoff_figure(points: list[dict], limits: dict | None, title: str = "", validation: bool = False):
+    """Harmful refusal (y) against the largest rise in refusal over the benign sets (x), one point per
+    run (one colour per setting), with the bar's corner (top left) shaded. Returns a figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    xs = [100 * p["benign_increase"] for p in points]
+    lo, hi = min([0.0, *xs]) - 5, max([10.0, *xs]) + 5
+    if limits:
+        x0, y0 = 100 * limits["benign_increase"], 100 * limits["harmful_refusal"]
+        ax.fill_between([lo, x0], y0, 100, color="C2", alpha=0.15, label="the bar")
+    settings: dict[str, list[dict]] = {}
+    for pt in points:
+        settings.setdefault(pt.get("setting", pt["run"]), []).append(pt)
+    for i, (name, pts) in enumerate(settings.items()):
+        ax.scatter(
+            [100 * p["benign_increase"] for p in pts],
+            [100 * p["harmful_refusal"] for p in pts],
+            label=name,
+            color=f"C{i % 10}",
+            marker="os^Dv<>ph*"[i // 10 % 10],
+        )
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(0, 100)
+    if validation:
+        ax.set_xlabel("rise in refusal of harmless validation prompts (points)")
+        ax.set_ylabel("refusal of harmful validation prompts (%)")
+    else:
+        ax.set_xlabel("largest rise in refusal over the benign sets (points)")
+        ax.set_ylabel("mean refusal over the harmful sets (%)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    ax.grid(alpha=0.3)
+    return fig
 
 
 def figures(run_dir: Path, results: dict) -> dict[str, Path]:
@@ -162,14 +331,44 @@ def figures(run_dir: Path, results: dict) -> dict[str, Path]:
         save(fig, "training.png")
     runs = sibling_runs(run_dir)
     if runs:
-        fig, ax = plt.subplots(figsize=(4.5, 3.5))
-        ax.scatter([r["mmlu"] for r in runs], [r["harmful_refusal"] for r in runs])
-        for r in runs:
-            ax.annotate(r["run"], (r["mmlu"], r["harmful_refusal"]), fontsize=7)
-        ax.set_xlabel("MMLU subset accuracy (after)")
-        ax.set_ylabel("harmful refusal (after)")
-        save(fig, "safety_vs_capability.png")
+        limits = (results.get("bar") or {}).get("limits")
+        save(tradeoff_figure(runs, limits, "runs in " + Path(run_dir).parent.name), "tradeoff.png")
     return made
+
+
+def _md_to_html(lines: list[str]) -> str:
+    """The small markdown subset the report uses (headings, tables, bullets, paragraphs) as HTML."""
+    out, table = [], []
+
+    def cells(line: str) -> list[str]:
+        return [html.escape(c.strip()) for c in line.strip().strip("|").split("|")]
+
+    def flush() -> None:
+        if table:
+            head, body = cells(table[0]), [cells(x) for x in table[2:]]
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{c}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in body)
+                + "</table>"
+            )
+            table.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            out.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "".join(out)
 
 
 def html_page(results: dict, tokens, figs: dict[str, Path]) -> str:
@@ -201,7 +400,8 @@ def html_page(results: dict, tokens, figs: dict[str, Path]) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>SafeSteer report</title><style>{style}</style></head>"
         f"<body><h1>SafeSteer run report</h1><table><tr><th>set</th><th>metric</th><th>before</th><th>after</th></tr>"
-        f"{rows}</table>{imgs}<h2>Safety tokens ({html.escape(tokens.method)}; student mass "
+        f"{rows}</table>{_md_to_html(bar_lines(results) + ['## Evaluation sets'] + set_table(results))}"
+        f"{imgs}<h2>Safety tokens ({html.escape(tokens.method)}; student mass "
         f"{tokens.student_mass:.3f})</h2><table><tr><th>#</th><th>token</th><th>score</th><th>p base</th>"
         f"<th>p steered</th></tr>{tok_rows}</table><h2>Examples</h2><table><tr><th>set</th><th>prompt</th>"
         f"<th>before</th><th>after</th></tr>{ex}</table></body></html>\n"
@@ -218,9 +418,9 @@ def write_report(run_dir: Path, results: dict, tokens) -> None:
 
 COMPARE_COLUMNS = (
     ("harmful refusal", "harmful_refusal_mean", percent),
-    ("edgy over-refusal", "edgy_refusal", percent),
-    ("ordinary refusal", "benign_refusal", percent),
-    ("ordinary degenerate", "benign_degenerate", percent),
+    ("benign refusal (mean)", "benign_refusal_mean", percent),
+    ("edgy refusal (mean)", "edgy_refusal_mean", percent),
+    ("degenerate (benign)", "degenerate_benign", percent),
     ("KL/token", "kl_per_token", lambda v: f"{v:.3f}"),
     ("perplexity", "ppl_trained", lambda v: f"{v:.2f}"),
     ("MMLU", "mmlu", percent),
@@ -229,8 +429,8 @@ COMPARE_COLUMNS = (
 
 def compare(root: Path) -> str:
     """A markdown table of every evaluated run under ``root`` (a multirun directory, or any parent)."""
-    lines = ["| run | " + " | ".join(c for c, _, _ in COMPARE_COLUMNS) + " |"]
-    lines.append("|---" * (len(COMPARE_COLUMNS) + 1) + "|")
+    lines = ["| run | " + " | ".join(c for c, _, _ in COMPARE_COLUMNS) + " | bar |"]
+    lines.append("|---" * (len(COMPARE_COLUMNS) + 2) + "|")
     found = 0
     for p in sorted(Path(root).glob("**/metrics.json")):
         try:
@@ -246,11 +446,46 @@ def compare(root: Path) -> str:
         for _, key, fmt in COMPARE_COLUMNS:
             b, a = before.get(key), after.get(key)
             cells.append(f"{fmt(b)} → {fmt(a)}" if b is not None and key != "kl_per_token" else fmt(a))
+        bar = results.get("bar")
+        cells.append("–" if not bar else "met" if bar["met"] else "missed")
         lines.append(f"| {tag} | " + " | ".join(cells) + " |")
         found += 1
     if not found:
         raise SafeSteerError(f"{root}: no evaluated run (metrics.json with an 'after' section) under it")
     return "\n".join(lines) + "\n"
+
+
+def tradeoff(roots: list[Path], out: Path, validation: bool = False) -> str:
+    """The trade-off plot of every evaluated run under ``roots``, one colour per ``tag`` (a run's
+    setting; its directory name when it has none), written to ``out`` (PNG)."""
+    points, limits = [], None
+    for root in roots:
+        for p in sorted(Path(root).glob("**/metrics.json")):
+            try:
+                results = json.loads(p.read_text())
+                pt = tradeoff_point(results, p.parent.name, validation)
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if pt:
+                pt["setting"] = results.get("tag") or p.parent.name
+                points.append(pt)
+                if not validation:
+                    limits = limits or (results.get("bar") or {}).get("limits")
+    if not points:
+        raise SafeSteerError(
+            f"{', '.join(map(str, roots))}: no evaluated run (metrics.json with an 'after' section)"
+        )
+    import io
+
+    import matplotlib.pyplot as plt
+
+    what = "validation prompts" if validation else "evaluation sets"
+    fig = tradeoff_figure(points, limits, f"{len(points)} runs, {what}", validation)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(out, buf.getvalue())
+    return f"{out}: {len(points)} runs, {len({p['setting'] for p in points})} settings\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,7 +495,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="one markdown table row per evaluated run under DIR")
     c.add_argument("dir", type=Path)
+    t = sub.add_parser("tradeoff", help="harmful vs benign refusal of every evaluated run under DIRs (PNG)")
+    t.add_argument("dirs", type=Path, nargs="+")
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument(
+        "--validation", action="store_true", help="plot the validation prompts (what settings are chosen on)"
+    )
     args = ap.parse_args(argv)
+    if args.cmd == "tradeoff":
+        return print_or_fail(lambda: tradeoff(args.dirs, args.out, args.validation))
     return print_or_fail(lambda: compare(args.dir))
 
 

@@ -141,8 +141,8 @@ class RolloutWorker:
         from vllm import SamplingParams
 
         params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, skip_special_tokens=True)
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False
+        outputs = self.llm.generate(  # a progress bar for evaluation-sized batches
+            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=len(prompt_ids) > 64
         )
         eos = self.llm.get_tokenizer().eos_token_id
         return [[t for t in o.outputs[0].token_ids if t != eos] for o in outputs]

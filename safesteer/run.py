@@ -23,17 +23,19 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def chat_prompts(
-    cfg, tok, source: str, limit: int | None = None, what: str = "training"
-) -> tuple[list[str], list[list[int]], int]:
-    """Instructions of a prompt set and their chat-formatted ids; too-long prompts are skipped and counted."""
+def kept_prompts(cfg, tok, source, limit: int | None = None, what: str = "training"):
+    """The prompts of a set (or list of sets) and their chat-formatted ids; prompts longer than
+    ``model.max_prompt_tokens`` are skipped and counted. Returns (prompts, ids, skipped)."""
     from safesteer.core.steering import chat_texts
-    from safesteer.data import load_prompts
+    from safesteer.data import load_sets
 
-    items = [p.instruction for p in load_prompts(source, limit=limit)]
-    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, items)]
+    prompts = load_sets(source, limit=limit)
+    ids = [
+        tok(t, add_special_tokens=False)["input_ids"]
+        for t in chat_texts(tok, [p.instruction for p in prompts])
+    ]
     keep = [i for i, x in enumerate(ids) if len(x) <= cfg.model.max_prompt_tokens]
-    skipped = len(items) - len(keep)
+    skipped = len(prompts) - len(keep)
     if skipped:
         log.warning(
             "skipped %d %s prompts longer than model.max_prompt_tokens=%d",
@@ -41,7 +43,15 @@ def chat_prompts(
             what,
             cfg.model.max_prompt_tokens,
         )
-    return [items[i] for i in keep], [ids[i] for i in keep], skipped
+    return [prompts[i] for i in keep], [ids[i] for i in keep], skipped
+
+
+def chat_prompts(
+    cfg, tok, source, limit: int | None = None, what: str = "training"
+) -> tuple[list[str], list[list[int]], int]:
+    """Instructions of a prompt set and their chat-formatted ids; too-long prompts are skipped and counted."""
+    prompts, ids, skipped = kept_prompts(cfg, tok, source, limit, what)
+    return [p.instruction for p in prompts], ids, skipped
 
 
 def training_prompts(cfg, tok) -> tuple[list[str], list[list[int]], int]:
@@ -49,14 +59,73 @@ def training_prompts(cfg, tok) -> tuple[list[str], list[list[int]], int]:
     return chat_prompts(cfg, tok, cfg.data.train, cfg.data.train_limit)
 
 
-def anchor_prompts(cfg, tok) -> tuple[list[str], list[list[int]]]:
-    """Harmless anchor prompts (scored by the original model), or none when unused."""
+def anchor_pairs(train, anchors) -> dict[int, int]:
+    """Training prompt index -> anchor index, for the pairs whose ``category`` names exactly one
+    prompt on each side (the bundled harmful/benign question pairs share one category per pair)."""
+    from collections import Counter
+
+    nt, na = Counter(p.category for p in train), Counter(p.category for p in anchors)
+    where = {p.category: j for j, p in enumerate(anchors) if p.category and na[p.category] == 1}
+    return {i: where[p.category] for i, p in enumerate(train) if p.category in where and nt[p.category] == 1}
+
+
+def anchor_prompts(cfg, tok, train=None) -> tuple[list[str], list[list[int]], dict[int, int]]:
+    """Harmless anchor prompts (``data.anchor``: one set or a list), or none when unused, and (with
+    ``trainer.pair_anchors`` and the training ``Prompt`` list) the training-to-anchor pairs."""
     if not cfg.data.anchor or not cfg.trainer.anchors_per_step:
-        return [], []
-    items, ids, _ = chat_prompts(cfg, tok, cfg.data.anchor, what="anchor")
-    if not items:
+        return [], [], {}
+    prompts, ids, _ = kept_prompts(cfg, tok, cfg.data.anchor, what="anchor")
+    if not prompts:
         raise SafeSteerError(f"data.anchor={cfg.data.anchor}: no usable prompt")
-    return items, ids
+    pairs = anchor_pairs(train, prompts) if cfg.trainer.pair_anchors and train is not None else {}
+    if cfg.trainer.pair_anchors and train is not None and not pairs:
+        log.warning(
+            "trainer.pair_anchors: no training prompt shares its category with exactly one anchor, so "
+            "anchors follow the usual cycle (the bundled pairs: train_harmful_questions with "
+            "anchor_benign_questions)"
+        )
+    return [p.instruction for p in prompts], ids, pairs
+
+
+def make_selector(cfg, tok, run_dir: Path):
+    """Validation and model selection during training (``trainer.select``)."""
+    from safesteer.select import Selector
+
+    sel = cfg.trainer.select
+
+    harmful, h_ids, _ = chat_prompts(cfg, tok, sel.harmful, what="selection")
+    harmless, b_ids, _ = chat_prompts(cfg, tok, sel.harmless, what="selection")
+    return Selector(run_dir, sel.every, h_ids, b_ids, sel.max_new_tokens)
+
+
+def original_validation(cfg, model_path: str, selector, workers, tok) -> dict:
+    """The selectivity scores of the original model (the engines' weights before training), cached
+    for the same model, validation prompts, length and dtype."""
+    import hashlib
+    import json
+
+    from safesteer.models import fingerprint
+    from safesteer.paths import cache_dir
+
+    blob = json.dumps(
+        {
+            "model": fingerprint(model_path),
+            "prompts": [selector.harmful_ids, selector.harmless_ids],
+            "max_new_tokens": selector.max_new_tokens,
+            "dtype": workers.dtype,
+            "version": 1,
+        },
+        sort_keys=True,
+    )
+    path = cache_dir() / "eval" / f"validation-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    scores = selector.score(workers.greedy, lambda ids: tok.decode(ids, skip_special_tokens=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, scores)
+    return scores
 
 
 def export_model(run_dir: Path, model_path: str, blob: bytes, prepared) -> Path:
@@ -96,6 +165,7 @@ def _main(cfg) -> None:
     from safesteer.steer import Prepared, prepare
 
     t_start = time.perf_counter()
+    timings: dict[str, float] = {}
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if not os.access(run_dir, os.W_OK):
         raise SafeSteerError(f"{run_dir}: output directory is not writable")
@@ -105,9 +175,13 @@ def _main(cfg) -> None:
     log.info("model: %s | run dir: %s", model_path, run_dir)
 
     tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-    instructions, prompt_ids, skipped = training_prompts(cfg, tok)  # bad data fails here, before any work
-    anchors = anchor_prompts(cfg, tok)
-    steps = schedule(len(instructions), cfg, len(anchors[0]))
+    train, prompt_ids, skipped = kept_prompts(
+        cfg, tok, cfg.data.train, cfg.data.train_limit
+    )  # bad data fails here
+    instructions = [p.instruction for p in train]
+    anchor_ins, anchor_ids, pairs = anchor_prompts(cfg, tok, train)
+    anchors = (anchor_ins, anchor_ids)
+    steps = schedule(len(instructions), cfg, len(anchor_ins), pairs)
     stages = list(cfg.stages)
     resume = checkpoint.resolve(cfg.trainer.resume, run_dir) if "distill" in stages else None
     if resume is not None:  # the checkpoint carries the teacher artifacts the run trained with
@@ -119,7 +193,9 @@ def _main(cfg) -> None:
         )
         log.info("resuming from %s (step %d)", resume.path, resume.step)
     elif "prepare" in stages:
+        t0 = time.perf_counter()
         prepared = prepare(cfg, run_dir, model_path)
+        timings["prepare" + (" (cached)" if "cache" in prepared.report else "")] = time.perf_counter() - t0
     else:
         if not cfg.tokens.path or (cfg.teacher.kind == "vector" and not cfg.steering.vector):
             raise SafeSteerError(
@@ -135,16 +211,30 @@ def _main(cfg) -> None:
     if "distill" not in stages:
         return
 
+    t0 = time.perf_counter()
     connect(dict(cfg.cluster), roles(cfg), {"TOKENIZERS_PARALLELISM": "false"})
     vector_blob = prepared.vector_path.read_bytes() if prepared.vector_path else None
     workers = Workers(cfg, model_path, vector_blob, st.ids, len(steps), device())
     workers.wait_ready()
     results: dict = {"tag": cfg.tag, "skipped_prompts": skipped, "steps": len(steps)}
+    timings["start actors"] = time.perf_counter() - t0
     evaluate = "evaluate" in stages and cfg.eval.enabled
     try:
         if evaluate:
+            t0 = time.perf_counter()
             sets = ev.eval_sets(cfg)
-            before_ids = ev.generate_answers(workers.rollout[0], tok, sets, cfg.eval.max_new_tokens)
+            before_ids = ev.original_answers(
+                cfg,
+                model_path,
+                sets,
+                lambda: ev.generate_answers(workers.rollout[0], tok, sets, cfg.eval.max_new_tokens),
+                workers.dtype,
+            )
+            timings["evaluate: original answers"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        selector = make_selector(cfg, tok, run_dir)
+        if resume is None:  # the original model on the validation prompts, for comparison (cached)
+            results["validation_original"] = original_validation(cfg, model_path, selector, workers, tok)
         history = distill(
             cfg,
             workers,
@@ -156,21 +246,44 @@ def _main(cfg) -> None:
             resume=resume,
             extra_state={"prepare": prepared.report},
             anchors=anchors,
+            pairs=pairs,
+            selector=selector,
         )
-        if evaluate:
-            after_ids = ev.generate_answers(workers.rollout[0], tok, sets, cfg.eval.max_new_tokens)
         blob = workers.export("float32")
+        best = selector.best_weights()
+        if best is not None and selector.best_step != len(steps):
+            log.info(
+                "model selection: step %d of %d is exported and evaluated", selector.best_step, len(steps)
+            )
+            blob = best
+            workers.load_rollout_weights(best)
+        results["selected_step"] = selector.best_step or len(steps)
+        validated = [r for r in history if "selectivity" in r]  # the exported step's validation
+        results["validation"] = next(
+            (r for r in validated if r["step"] == results["selected_step"]),
+            validated[-1] if validated else None,
+        )
+        timings["distill"] = time.perf_counter() - t0
+        if evaluate:
+            t0 = time.perf_counter()
+            after_ids = ev.generate_answers(workers.rollout[0], tok, sets, cfg.eval.max_new_tokens)
+            timings["evaluate: trained answers"] = time.perf_counter() - t0
     finally:
         workers.shutdown()
         if cfg.cluster.address is None:
             ray.shutdown()
     # evaluation reads the trained weights from the export, so it is written for either stage
+    t0 = time.perf_counter()
     exported = export_model(run_dir, model_path, blob, prepared) if "export" in stages or evaluate else None
+    timings["export"] = time.perf_counter() - t0
     if evaluate:
+        t0 = time.perf_counter()
         answers_path = run_dir / "answers.jsonl"
         results.update(
             ev.evaluate(cfg, model_path, str(exported), tok, before_ids, after_ids, sets, answers_path)
         )
+        timings["evaluate: judge, MMLU, KL"] = time.perf_counter() - t0
+    results["timings"] = timings
     results["history"] = history
     results["wall_seconds"] = time.perf_counter() - t_start
     results["prepare"] = prepared.report
@@ -178,7 +291,13 @@ def _main(cfg) -> None:
     write_report(run_dir, results, st)
     log.info("done in %.0fs; artifacts in %s", results["wall_seconds"], run_dir)
     for s, m, b, a in table_rows(results):
-        print(f"{s:>22} {m:<34} {b:>8} -> {a}")
+        if m != "degenerate":
+            print(f"{s:>24} {m:<34} {b:>8} -> {a}")
+    if "bar" in results:
+        missed = [k for k, x in results["bar"]["items"].items() if not x["ok"]]
+        print(
+            f"the bar: {'met' if not missed else 'missed (' + ', '.join(missed) + ')'}; report: {run_dir / 'report.md'}"
+        )
 
 
 def main() -> None:

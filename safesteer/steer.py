@@ -21,10 +21,12 @@ from tqdm import tqdm
 
 from safesteer.core import judge
 from safesteer.core import steering as S
+from safesteer.core.probe import HarmProbe, last_token_states
+from safesteer.core.probe import fit as fit_probe
 from safesteer.core.tokens import SafetyTokens, select_safety_tokens
-from safesteer.data import load_prompts
+from safesteer.data import load_prompts, load_sets
 from safesteer.errors import SafeSteerError
-from safesteer.models import load_hf, resolve_model_path
+from safesteer.models import fingerprint, load_hf, resolve_model_path
 from safesteer.paths import atomic_dir, atomic_write_json, cache_dir
 
 log = logging.getLogger(__name__)
@@ -39,26 +41,24 @@ class Prepared:
     report: dict
 
 
-def _instructions(source: str, n: int | None, seed: int) -> list[str]:
-    items = [p.instruction for p in load_prompts(source)]
+def _plain(x):
+    """A config value as plain Python (a ListConfig of set names as a list)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(x) if OmegaConf.is_config(x) else x
+
+
+def _instructions(source, n: int | None, seed: int) -> list[str]:
+    items = [p.instruction for p in load_sets(source)]
     if n is not None and n < len(items):
         items = random.Random(seed).sample(items, n)
     return items
 
 
-def _model_fingerprint(path: str) -> dict:
-    p = Path(path)
-    if not p.is_dir():
-        return {"id": path}
-    files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()}
-    cfg = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
-    return {"files": files, "config": hashlib.sha256(cfg.encode()).hexdigest()}
-
-
 def _data_fingerprint(cfg) -> dict:
     out = {}
     for key in ("direction_harmful", "direction_harmless", "val_harmful", "val_harmless"):
-        texts = [p.instruction for p in load_prompts(cfg.data[key])]
+        texts = [p.instruction for p in load_sets(cfg.data[key])]
         out[key] = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     return out
 
@@ -68,10 +68,14 @@ def cache_key(cfg, model_path: str) -> str:
 
     blob = json.dumps(
         {
-            "model": _model_fingerprint(model_path),
+            "model": fingerprint(model_path),
             "steering": OmegaConf.to_container(cfg.steering, resolve=True),
             "tokens": OmegaConf.to_container(cfg.tokens, resolve=True),
-            "teacher": {"kind": cfg.teacher.kind, "system_prompt": cfg.teacher.system_prompt},
+            "teacher": {
+                "kind": cfg.teacher.kind,
+                "system_prompt": cfg.teacher.system_prompt,
+            },
+            "probe": OmegaConf.to_container(cfg.probe, resolve=True) if cfg.teacher.gate == "probe" else None,
             "data": _data_fingerprint(cfg),
             "seed": cfg.seed,
             "judge": judge.VERSION,
@@ -80,6 +84,34 @@ def cache_key(cfg, model_path: str) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def build_probe(cfg, model, tok) -> tuple[HarmProbe, dict]:
+    """The harm probe (:mod:`safesteer.core.probe`) from ``cfg.probe``'s prompt sets, at its best layer."""
+    pc = cfg.probe
+    n_layers = len(model.model.layers)
+    bad = [layer for layer in pc.layers if not 0 <= layer < n_layers]
+    if bad:
+        raise SafeSteerError(f"probe.layers={bad}: out of range for a {n_layers}-layer model")
+
+    def states(key: str) -> dict:
+        texts = S.chat_texts(tok, _instructions(pc[key], None, cfg.seed))
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return last_token_states(model, ids, list(pc.layers), pc.batch_size)
+
+    with tqdm(total=4, desc="harm probe") as bar:
+        got = {}
+        for key in ("harmful", "harmless", "val_harmful", "val_harmless"):
+            got[key] = states(key)
+            bar.update(1)
+    train = {layer: (got["harmful"][layer], got["harmless"][layer]) for layer in pc.layers}
+    val = {layer: (got["val_harmful"][layer], got["val_harmless"][layer]) for layer in pc.layers}
+    probe, by_layer = fit_probe(train, val)
+    log.info(
+        "harm probe: layer %d, validation AUROC %.3f, flags %.0f%% of harmful and %.0f%% of harmless prompts",
+        probe.layer, probe.metrics["auroc"], 100 * probe.metrics["tpr"], 100 * probe.metrics["fpr"],
+    )  # fmt: skip
+    return probe, {"layer": probe.layer, "threshold": probe.threshold, "by_layer": by_layer}
 
 
 def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, dict]:
@@ -146,10 +178,10 @@ def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, d
         position=best.position,
         model=model_path,
         provenance={
-            "harmful": cfg.data.direction_harmful,
-            "harmless": cfg.data.direction_harmless,
-            "val_harmful": cfg.data.val_harmful,
-            "val_harmless": cfg.data.val_harmless,
+            "harmful": _plain(cfg.data.direction_harmful),
+            "harmless": _plain(cfg.data.direction_harmless),
+            "val_harmful": _plain(cfg.data.val_harmful),
+            "val_harmless": _plain(cfg.data.val_harmless),
             "n_train": len(harmful),
             "n_val": len(val_h),
             "seed": seed,
@@ -195,7 +227,11 @@ def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
             report["vector"] = {"given": str(given_vector)}
         else:
             sv, report["vector"] = search_vector(cfg, model, tok, model_path)
+        if cfg.teacher.gate == "probe" and sv.probe is None:
+            sv.probe, report["probe"] = build_probe(cfg, model, tok)
         S.save_vector(sv, out_dir / VECTOR_FILE)
+    # Safety tokens are where the searched teacher (its chosen coefficient, every position: the
+    # reference) differs from the student; teacher.coeff / teacher.positions shape distillation only.
     teacher = S.Teacher(
         kind=cfg.teacher.kind,
         vector=sv,
@@ -206,7 +242,8 @@ def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
     else:
         tc = cfg.tokens
         prompts = _instructions(cfg.data.val_harmless, tc.n_prompts, cfg.seed)
-        with tqdm(total=len(prompts), desc=f"safety tokens ({tc.method})") as bar:
+        n = len(prompts) * (2 if tc.method == "contrast" else 1)
+        with tqdm(total=n, desc=f"safety tokens ({tc.method})") as bar:
             st = select_safety_tokens(
                 model,
                 tok,
@@ -223,6 +260,8 @@ def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
                 min_student_mass=tc.min_student_mass,
                 batch_size=tc.batch_size,
                 progress=bar,
+                harmful=_instructions(tc.harmful, tc.n_prompts, cfg.seed) if tc.method == "contrast" else (),
+                contrast_weight=tc.contrast_weight,
             )
     st.save(out_dir / TOKENS_FILE)
     report["tokens"] = {
@@ -245,16 +284,18 @@ def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
 def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_new_tokens: int = 32) -> dict:
     """Refusal / degenerate rates of the teacher on the first ``n`` prompts of each evaluation set.
 
-    The sets are the evaluation's (``eval.harmful_sets`` and ``eval.edgy_set``): held out from
+    The sets are the evaluation's (``eval.harmful_sets`` and ``eval.edgy_sets``): held out from
     training and from the direction prompts, so the teacher's ceiling can be read beside the
     student's results.
     """
     model, tok = load_hf(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
     sv = S.load_vector(prepared.vector_path) if prepared.vector_path else None
     extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
-    teacher = S.Teacher(kind=cfg.teacher.kind, vector=sv, **extra)
+    teacher = S.Teacher(
+        kind=cfg.teacher.kind, vector=sv, coeff=cfg.teacher.coeff, positions=cfg.teacher.positions, **extra
+    )
     out = {}
-    for name in [*cfg.eval.harmful_sets, cfg.eval.edgy_set]:
+    for name in [*cfg.eval.harmful_sets, *cfg.eval.edgy_sets]:
         prompts = [p.instruction for p in load_prompts(name, limit=n)]
         with teacher.apply(model):
             ids = S.generate(model, tok, teacher.prompt_texts(tok, prompts), max_new_tokens)

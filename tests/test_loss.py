@@ -421,3 +421,21 @@ def test_gather_logprobs_global_and_per_position_ids() -> None:
 
 def test_modes_tuple_is_complete() -> None:
     assert set(MODES) == {"partial", "bucket", "full", "topk", "k1", "k3"}
+
+
+def test_freeze_below_freezes_embeddings_and_early_blocks_only(tiny) -> None:
+    import copy
+
+    from safesteer.errors import SafeSteerError
+    from safesteer.learner import freeze_below
+
+    model = copy.deepcopy(tiny[0])
+    names = freeze_below(model, 3)
+    assert "model.embed_tokens.weight" in names
+    assert any(n.startswith("model.layers.2.") for n in names)
+    assert not any(n.startswith(("model.layers.3.", "model.layers.5.", "model.norm")) for n in names)
+    for n, p in model.named_parameters():
+        assert p.requires_grad == (n not in names)
+    assert freeze_below(copy.deepcopy(tiny[0]), None) == []
+    with pytest.raises(SafeSteerError, match="train_from_layer=9"):
+        freeze_below(copy.deepcopy(tiny[0]), 9)

@@ -74,6 +74,55 @@ def test_max_staleness_one_overlaps_with_bounded_lag(tmp_path):
     assert max(lags) <= 1 and lags[0] == 0 and 1 in lags, lags
 
 
+def test_harm_gated_teacher_prompt_steering_and_model_selection(tmp_path):
+    """teacher.gate=probe: the prepare stage builds the harm probe into vector.safetensors and the
+    teacher steers the prompts it flags (labels unused); teacher.positions=prompt; validation every
+    step keeps the most selective weights, which are the ones exported."""
+    from safesteer.core.steering import load_vector
+
+    run_dir = tmp_path / "run"
+    p = run_cli(
+        run_dir,
+        "teacher.gate=probe",
+        "probe.layers=[1,3]",
+        "teacher.positions=prompt",
+        "trainer.select.every=1",
+        "trainer.select.max_new_tokens=4",
+        "trainer.max_steps=3",
+        "data.train_limit=12",
+        "learner.train_from_layer=2",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    sv = load_vector(run_dir / "vector.safetensors")
+    assert sv.probe is not None and sv.probe.layer in (1, 3)
+    assert 0.0 <= sv.probe.metrics["auroc"] <= 1.0
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:  # the probe's verdicts on training and anchor sequences, and a validation per step
+        assert 0.0 <= r["gate_steered_train"] <= 1.0 and 0.0 <= r["gate_steered_anchor"] <= 1.0
+        assert {"selectivity", "val_harmful_refusal", "val_harmless_refusal", "best_step"} <= set(r)
+    best = json.loads((run_dir / "best" / "best.json").read_text())
+    assert best["selectivity"] == max(r["selectivity"] for r in rows)
+    assert best["step"] == rows[-1]["best_step"]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["selected_step"] == best["step"] and m["validation"]["step"] == best["step"]  # the exported step
+    exported = (run_dir / "export" / "model" / "model.safetensors").read_bytes()
+    assert exported == (run_dir / "best" / "model.safetensors").read_bytes()
+    assert (run_dir / "validation_answers.jsonl").is_file()
+    # the probe sets are fitting sets of this run: the held-out report names them where they clash
+    assert m["held_out"]["eval_coding"] == []
+    # learner.train_from_layer=2: the embeddings and blocks 0-1 did not move, the rest did
+    from transformers import AutoModelForCausalLM
+
+    trained = dict(AutoModelForCausalLM.from_pretrained(run_dir / "export" / "model").named_parameters())
+    base = dict(AutoModelForCausalLM.from_pretrained(m["prepare"]["model"]).named_parameters())
+    same = {n for n in base if torch.equal(base[n], trained[n])}
+    assert "model.embed_tokens.weight" in same and all(
+        n in same for n in base if n.startswith("model.layers.1.")
+    )
+    assert any(n.startswith("model.layers.4.") and n not in same for n in base)
+
+
 # ---------------------------------------------------------------------- in-process worker groups
 @pytest.fixture(scope="module")
 def group(tmp_path_factory):
@@ -126,7 +175,7 @@ def test_teacher_is_measured_on_every_evaluation_set(group):
 
     cfg = group["cfg"]
     rates = measure_teacher(cfg, group["prepared"], group["model_path"], n=2, max_new_tokens=4)
-    assert list(rates) == [*cfg.eval.harmful_sets, cfg.eval.edgy_set]
+    assert list(rates) == [*cfg.eval.harmful_sets, *cfg.eval.edgy_sets]
     assert all(r["n"] == 2 and 0 <= r["refusal"] <= 1 for r in rates.values()), rates
 
 
@@ -162,7 +211,13 @@ def test_teacher_actor_matches_direct_computation(group):
     K = len(group["ids"])
     assert lp.shape == (len(comps), max(len(c) for c in comps), K)
     model, tok = load_hf(group["model_path"])
-    teacher = Teacher(kind="vector", vector=load_vector(group["prepared"].vector_path))
+    tc = group["cfg"]["teacher"]  # the run's teacher: its coefficient and steered positions
+    teacher = Teacher(
+        kind="vector",
+        vector=load_vector(group["prepared"].vector_path),
+        coeff=tc["coeff"],
+        positions=tc["positions"],
+    )
     ids = torch.tensor(group["ids"])
     direct = score_completions(model, tok, teacher, ins, comps, "ids", ids)["logprobs"]
     torch.testing.assert_close(lp, direct, atol=1e-4, rtol=1e-4)

@@ -11,8 +11,16 @@ from safesteer.config import CONF_DIR, validate
 from safesteer.driver import schedule
 from safesteer.errors import SafeSteerError
 
+# The schedule's mechanics on round numbers: 10 training prompts per step, whole epochs.
+ROUND = ("trainer.prompts_per_step=10", "trainer.max_steps=null")
+
 
 def config(*overrides: str):
+    with initialize_config_dir(str(CONF_DIR), version_base=None):
+        return compose("config", overrides=[*ROUND, *overrides])
+
+
+def defaults(*overrides: str):
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         return compose("config", overrides=list(overrides))
 
@@ -56,7 +64,9 @@ def test_anchor_settings_are_validated():
         validate(config("trainer.anchors_per_step=-1"))
     with pytest.raises(SafeSteerError, match="trainer.anchor_weight=-0.5: must be >= 0"):
         validate(config("trainer.anchor_weight=-0.5"))
-    validate(config())  # the defaults: (10 + 2) prompts x 2 samples = 24 sequences, 2 ranks x 2 x 6
+    validate(
+        config("trainer.anchors_per_step=2")
+    )  # (10 + 2) prompts x 2 samples = 24 sequences, 2 ranks x 2 x 6
     # (10 + 4) prompts x 2 samples = 28 sequences do not split over 2 ranks x micro-batches of 5
     five = "learner.micro_batch_size=5"
     with pytest.raises(SafeSteerError, match="anchors_per_step") as e:
@@ -68,8 +78,34 @@ def test_anchor_settings_are_validated():
 
 
 def test_anchor_coeff_is_validated():
-    validate(config("teacher.anchor_coeff=-0.3"))
-    validate(config("teacher=system_prompt"))  # that teacher has no vector: anchor_coeff 0 there
+    validate(defaults("teacher.anchor_coeff=-0.3"))
+    validate(defaults("teacher=system_prompt"))  # that teacher has no vector: anchor_coeff 0 there
     with pytest.raises(SafeSteerError, match="teacher.anchor_coeff=abc: must be a number"):
-        validate(config("teacher.anchor_coeff=abc"))
-    validate(config("teacher.kind=system_prompt"))  # ignored there: that teacher has no vector
+        validate(defaults("teacher.anchor_coeff=abc"))
+    validate(defaults("teacher.kind=system_prompt"))  # ignored there: that teacher has no vector
+
+
+def test_paired_anchors_come_first_then_the_cycle() -> None:
+    cfg = config("trainer.anchors_per_step=3", "trainer.prompts_per_step=4")
+    pairs = {i: 50 - i for i in range(0, 100, 2)}  # even training prompts have a pair
+    steps = schedule(100, cfg, n_anchors=60, pairs=pairs)
+    plain = schedule(100, cfg, n_anchors=60)
+    for st, pl in zip(steps, plain):
+        train, anchors = st.prompts[:4], [j - 100 for j in st.prompts[4:]]
+        assert train == pl.prompts[:4] and len(anchors) == 3 and len(set(anchors)) == 3
+        want = [pairs[p] for p in train if p in pairs][:3]
+        assert anchors[: len(want)] == want
+
+
+def test_anchor_pairs_match_one_to_one_categories() -> None:
+    from safesteer.data import Prompt, load_prompts
+    from safesteer.run import anchor_pairs
+
+    train = load_prompts("train_harmful_questions")
+    anchors = load_prompts("anchor_edgy") + load_prompts("anchor_benign_questions")
+    pairs = anchor_pairs(train, anchors)
+    assert len(pairs) == 100
+    for i, j in pairs.items():
+        assert train[i].category == anchors[j].category and j >= 70
+    dup = [Prompt("a", "x"), Prompt("b", "x"), Prompt("c", "y")]
+    assert anchor_pairs(dup, [Prompt("d", "x"), Prompt("e", "y")]) == {2: 1}  # "x" is not one-to-one

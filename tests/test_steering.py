@@ -9,6 +9,7 @@ rewritten arguments.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pickle
 from pathlib import Path
@@ -539,3 +540,70 @@ def test_prepare_cache_key_changes_with_the_judge(tiny_model_dir, monkeypatch) -
     assert steer.cache_key(cfg, str(tiny_model_dir)) == key
     monkeypatch.setattr(judge, "VERSION", judge.VERSION + 1)
     assert steer.cache_key(cfg, str(tiny_model_dir)) != key
+
+
+# ------------------------------------------------------------------------------ prompt-only steering
+def test_prompt_only_steering_adds_at_the_masked_positions_only(tiny) -> None:
+    model, tok = tiny
+    enc = _enc(tok, chat_texts(tok, HARMFUL[:2]))
+    v, c, layer = _vec(model, seed=4), 0.5, 2
+    T = enc["input_ids"].shape[1]
+    mask = torch.zeros(2, T)
+    mask[0, : T - 3] = 1  # row 0: the last 3 positions play the answer
+    mask[1, :] = 1
+    with torch.no_grad():
+        with _BlockInputs(model) as base:
+            model(**enc)
+        with _BlockInputs(model) as steered, steering(model, layer, v, c, "prompt", mask):
+            model(**enc)
+    diff = steered.inputs[layer] - base.inputs[layer]
+    torch.testing.assert_close(diff, mask.unsqueeze(-1) * (c * v), rtol=0, atol=1e-5)
+
+
+def test_prompt_only_steering_in_generate_steers_the_prefill_not_the_decoding(tiny) -> None:
+    """With a KV cache, generate's first pass is the prompt (steered) and each later pass is one new
+    token (not steered): the greedy tokens differ from all-position steering after the first."""
+    model, tok = tiny
+    v, layer = _vec(model, seed=1, scale=8.0), 1
+    seen: list[tuple[int, float]] = []
+    base_in: list[torch.Tensor] = []
+
+    def record(store):
+        def hook(module, args, kwargs):
+            store.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+        return hook
+
+    texts = chat_texts(tok, HARMFUL[:1])
+    for mode in ("none", "prompt"):
+        store: list[torch.Tensor] = []
+        # recorded after the steering hook: registered later, runs later
+        ctx = steering(model, layer, v, 1.0, "prompt") if mode == "prompt" else contextlib.nullcontext()
+        with ctx:
+            h = model.model.layers[layer].register_forward_pre_hook(record(store), with_kwargs=True)
+            try:
+                S.generate(model, tok, texts, max_new_tokens=4)
+            finally:
+                h.remove()
+        if mode == "none":
+            base_in = store
+        else:
+            seen = store
+    assert len(seen) == len(base_in) >= 2
+    prefill = seen[0] - base_in[0]
+    torch.testing.assert_close(prefill, v.expand_as(prefill), rtol=0, atol=1e-4)
+    # decoding steps are not steered (their inputs differ from the base only through the context)
+    for s, b in zip(seen[1:], base_in[1:]):
+        assert s.shape[1] == 1
+        assert not torch.allclose(s - b, v.expand_as(s), atol=1e-3)
+
+
+def test_prompt_positions_and_bad_mode(tiny) -> None:
+    from safesteer.core.steering import prompt_mask
+
+    m = prompt_mask(torch.tensor([2, 4]), 5)
+    assert m.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]
+    model, _ = tiny
+    with pytest.raises(SafeSteerError, match="teacher.positions=middle"):
+        with steering(model, 1, _vec(model), 1.0, "middle"):
+            pass

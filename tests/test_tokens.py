@@ -361,3 +361,30 @@ def test_a_set_with_no_kept_token_is_an_error(tiny, teacher, monkeypatch) -> Non
             min_steered_prob=0.5,
             min_student_mass=0.0,
         )
+
+
+# ------------------------------------------------------------------------------------- contrast
+def test_contrast_ranks_by_harmful_kl_minus_benign_use(tiny, teacher) -> None:
+    """contrast = mean p_steered·Δ on the harmful prompts - w · mean p_base on the harmless ones,
+    recomputed here from the same sampling (the seed fixes the samples)."""
+    from safesteer.core.tokens import accumulate, banned_ids
+
+    model, tok = tiny
+    harmless, harmful = PROMPTS[:2], PROMPTS[2:4]
+    kw = dict(samples_per_prompt=2, horizon=3, temperature=1.0, top_p=1.0, batch_size=1)
+    torch.manual_seed(0)
+    st = select_safety_tokens(
+        model, tok, teacher, harmless, method="contrast", k=10, min_student_mass=0.0,
+        harmful=harmful, contrast_weight=2.0, **kw,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    b = accumulate(model, tok, teacher, harmless, **kw)
+    h = accumulate(model, tok, teacher, harmful, **kw)
+    V = b["ps"].shape[0]
+    score = h["kl"] / h["n"] - 2.0 * b["pb"] / b["n"]
+    banned = banned_ids(tok, V) | (b["ps"] / b["n"] < 1e-6) | (h["ps"] / h["n"] < 1e-6)
+    want = score.masked_fill(banned, float("-inf")).topk(10).indices.tolist()
+    _assert_same_topk(st.ids, want, score, 1e-9)
+    assert st.method == "contrast" and st.meta["contrast_weight"] == 2.0
+    with pytest.raises(SafeSteerError, match="needs harmful prompts"):
+        select_safety_tokens(model, tok, teacher, harmless, method="contrast", **kw)

@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     teacher_model.to(device)
     vec = load_vector(cfg.steering.vector) if cfg.teacher.kind == "vector" else None
     extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
-    teacher = Teacher(kind=cfg.teacher.kind, vector=vec, **extra)
+    teacher = Teacher(
+        kind=cfg.teacher.kind, vector=vec, coeff=cfg.teacher.coeff, positions=cfg.teacher.positions, **extra
+    )
     safety = SafetyTokens.load(cfg.tokens.path)
     ids = torch.tensor(safety.ids, device=device)
     output = OUTPUT_FOR_LOSS[cfg.learner.loss]

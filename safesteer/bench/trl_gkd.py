@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     micro = spec["micro_batch"]
     vec = load_vector(cfg.steering.vector) if cfg.teacher.kind == "vector" else None
     extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
-    teacher = Teacher(kind=cfg.teacher.kind, vector=vec, **extra)
+    # GKD's teacher forward sees no prompt boundary: the vector is added at every position (a
+    # throughput baseline; the pipeline and the sequential trainer follow teacher.positions)
+    teacher = Teacher(kind=cfg.teacher.kind, vector=vec, coeff=cfg.teacher.coeff, positions="all", **extra)
     if teacher.kind != "vector":
         raise SystemExit(
             "the TRL baseline supports teacher.kind=vector only (GKD's teacher sees the same prompt)"

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from safesteer.core import judge as judge_mod
+from safesteer.core.probe import HarmProbe
 from safesteer.errors import SafeSteerError
 from safesteer.models import decoder_layers
 
@@ -49,7 +50,8 @@ COMPLYING_PREFIXES = (
 # ----------------------------------------------------------------------------------------- vectors
 @dataclass
 class SteeringVector:
-    """A refusal direction with where and how strongly to add it. ``vector`` is (D,) float32."""
+    """A refusal direction with where and how strongly to add it. ``vector`` is (D,) float32.
+    ``probe`` is the harm probe of a harm-gated teacher (saved in the same file), if any."""
 
     vector: torch.Tensor
     layer: int
@@ -59,10 +61,23 @@ class SteeringVector:
     model: str = ""
     provenance: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    probe: HarmProbe | None = None
 
     def meta(self) -> dict[str, str]:
-        d = {k: v for k, v in asdict(self).items() if k != "vector"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("vector", "probe")}
+        if self.probe is not None:
+            d["probe"] = {
+                "layer": self.probe.layer,
+                "threshold": self.probe.threshold,
+                "metrics": self.probe.metrics,
+            }
         return {k: json.dumps(v) for k, v in d.items()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"vector": self.vector.detach().float().contiguous().cpu()}
+        if self.probe is not None:
+            out["probe_direction"] = self.probe.direction.detach().float().contiguous().cpu()
+        return out
 
 
 def _parse_vector(blob: bytes, where: str) -> SteeringVector:
@@ -74,14 +89,19 @@ def _parse_vector(blob: bytes, where: str) -> SteeringVector:
         n = int.from_bytes(blob[:8], "little")
         header = json.loads(blob[8 : 8 + n])
         meta = header.get("__metadata__") or {}
-        vec = load(blob)["vector"]
+        tensors = load(blob)
+        vec = tensors["vector"]
     except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise SafeSteerError(
             f"{where}: not a SafeSteer safetensors vector ({' '.join(str(e).split())[:200]})"
         ) from e
     try:
-        sv = SteeringVector(vector=vec.float(), **{k: json.loads(v) for k, v in meta.items()})
-    except (TypeError, ValueError) as e:
+        fields = {k: json.loads(v) for k, v in meta.items()}
+        probe = fields.pop("probe", None)
+        if probe is not None:
+            probe = HarmProbe(direction=tensors["probe_direction"].float(), **probe)
+        sv = SteeringVector(vector=vec.float(), probe=probe, **fields)
+    except (TypeError, ValueError, KeyError) as e:
         raise SafeSteerError(f"{where}: bad steering-vector metadata ({e})") from e
     if vec.dim() != 1:
         raise SafeSteerError(f"{where}: steering vector must be 1-D, got shape {tuple(vec.shape)}")
@@ -92,7 +112,7 @@ def vector_bytes(sv: SteeringVector) -> bytes:
     """The safetensors serialisation of ``sv`` (vector + metadata)."""
     from safetensors.torch import save
 
-    return save({"vector": sv.vector.detach().float().contiguous().cpu()}, metadata=sv.meta())
+    return save(sv.tensors(), metadata=sv.meta())
 
 
 def load_vector_bytes(blob: bytes) -> SteeringVector:
@@ -145,6 +165,10 @@ class Teacher:
     # negative one steers the anchors' teacher away from refusal (kind=vector; a system-prompt teacher
     # has no vector and scores anchors with the original model whatever this is).
     anchor_coeff: float = 0.0
+    # The coefficient on steered prompts (None: the vector's own, chosen by the steering search).
+    coeff: float | None = None
+    # Where the vector is added: "all" positions (the reference) or the "prompt" only (see steering()).
+    positions: str = "all"
 
     def __post_init__(self):
         if self.kind not in TEACHER_KINDS:
@@ -152,16 +176,25 @@ class Teacher:
         if self.kind == "vector" and self.vector is None:
             raise SafeSteerError("teacher.kind=vector needs a steering vector")
 
-    def apply(self, model, steer: bool = True) -> contextlib.AbstractContextManager:
+    def apply(
+        self, model, steer: bool = True, mask: torch.Tensor | None = None
+    ) -> contextlib.AbstractContextManager:
         """The context in which ``model`` behaves as the teacher (the steering hook, or nothing).
 
         ``steer=False`` gives the teacher of anchor prompts (conditional steering): the original model,
-        or the vector at ``anchor_coeff`` when that is non-zero.
+        or the vector at ``anchor_coeff`` when that is non-zero. ``mask`` (B, T) marks the prompt
+        positions of a forward pass over prompt + completion (see :func:`steering`).
         """
         if self.kind == "vector" and (steer or self.anchor_coeff):
-            coeff = self.vector.coeff if steer else self.anchor_coeff
-            return steering(model, self.vector.layer, self.vector.vector, coeff)
+            v = self.vector
+            return steering(model, v.layer, v.vector, self.coefficient(steer), self.positions, mask)
         return contextlib.nullcontext()
+
+    def coefficient(self, steer: bool = True) -> float:
+        """The vector's coefficient on steered prompts (``steer``) or on the others."""
+        if not steer:
+            return self.anchor_coeff
+        return self.coeff if self.coeff is not None else self.vector.coeff
 
     def prompt_texts(self, tok, instructions: Sequence[str], steer: bool = True) -> list[str]:
         """The teacher's chat-formatted prompts (with the safety system prompt for that kind)."""
@@ -190,12 +223,29 @@ def _edit_hidden(fn):
     return hook
 
 
-@contextlib.contextmanager
-def steering(model, layer: int, vector: torch.Tensor, coeff: float = 1.0) -> Iterator[None]:
-    """Add ``coeff * vector`` to the input of decoder block ``layer`` at every position.
+POSITIONS = ("prompt", "all")
 
+
+@contextlib.contextmanager
+def steering(
+    model,
+    layer: int,
+    vector: torch.Tensor,
+    coeff: float = 1.0,
+    positions: str = "all",
+    mask: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """Add ``coeff * vector`` to the input of decoder block ``layer``.
+
+    ``positions="all"`` (the reference): at every position, prompt and completion alike.
+    ``positions="prompt"``: at the prompt's positions only; the completion sees the steered prompt
+    through attention. In a forward pass over prompt + completion, ``mask`` (B, T) marks the prompt
+    positions; without a mask, a pass over more than one position is a prefill (all prompt) and a
+    one-position pass is a decoding step (not steered), as in ``generate`` with a KV cache.
     Works under ``torch.no_grad`` and autograd, with any padding; removed on exit.
     """
+    if positions not in POSITIONS:
+        raise SafeSteerError(f"teacher.positions={positions}: choose one of {', '.join(POSITIONS)}")
     block = _check_layer(model, layer)
     hidden = model.config.get_text_config().hidden_size
     if vector.numel() != hidden:
@@ -204,13 +254,27 @@ def steering(model, layer: int, vector: torch.Tensor, coeff: float = 1.0) -> Ite
         )
 
     def add(h: torch.Tensor) -> torch.Tensor:
-        return h + (coeff * vector).to(device=h.device, dtype=h.dtype)
+        v = (coeff * vector).to(device=h.device, dtype=h.dtype)
+        if positions == "all":
+            return h + v
+        if mask is not None:
+            if mask.shape != h.shape[:2]:
+                raise ValueError(
+                    f"steering mask {tuple(mask.shape)} does not match the batch {tuple(h.shape[:2])}"
+                )
+            return h + mask.to(device=h.device, dtype=h.dtype).unsqueeze(-1) * v
+        return h + v if h.shape[1] > 1 else h
 
     handle = block.register_forward_pre_hook(_edit_hidden(add), with_kwargs=True)
     try:
         yield
     finally:
         handle.remove()
+
+
+def prompt_mask(prompt_lens: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) float: 1 at each right-padded row's first ``prompt_lens[b]`` positions."""
+    return (torch.arange(length).unsqueeze(0) < prompt_lens.view(-1, 1)).float()
 
 
 @contextlib.contextmanager

@@ -12,6 +12,9 @@ tokens, tokens containing ``<|`` and tokens whose mean steered probability is be
 - ``kl``: top K by each token's contribution to KL(steered || base), the mean of p_steered(v)·Δ(v).
   At small scale ``vote``/``mean`` pick rare tokens the student never emits; ``kl`` picks the
   refusal tokens that carry the steered model's mass.
+- ``contrast``: the ``kl`` contribution measured on *harmful* prompts, minus ``contrast_weight``
+  times the original model's mean probability of the token on the harmless prompts: refusal words
+  rank high, the openings of every answer ('I', ',', 'You') low.
 
 The student's mass on the chosen set is always measured: a set it never emits would make the
 localized loss vanish, so such a set is refused with a clear message.
@@ -19,6 +22,7 @@ localized loss vanish, so such a set is refused with a clear message.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,7 +33,7 @@ import torch
 from safesteer.core.steering import Teacher, chat_texts, generate, stop_token_ids
 from safesteer.errors import SafeSteerError
 
-TOKEN_METHODS = ("vote", "mean", "kl")
+TOKEN_METHODS = ("vote", "mean", "kl", "contrast")
 
 
 @dataclass
@@ -100,8 +104,11 @@ def banned_ids(tok, vocab_size: int) -> torch.Tensor:
     return banned
 
 
-def _forced_logprobs(model, prompt_texts, completions, horizon, tok) -> torch.Tensor:
-    """Log-probs (N,H,V) over the last H positions of prompt + completion (completion padded to H-1)."""
+def _forced_logprobs(
+    model, prompt_texts, completions, horizon, tok, teacher: Teacher | None = None
+) -> torch.Tensor:
+    """Log-probs (N,H,V) over the last H positions of prompt + completion (completion padded to H-1),
+    as ``teacher`` (steered on the left-padded prompt columns) or as the model itself."""
     tok.padding_side = "left"
     enc = tok(list(prompt_texts), return_tensors="pt", padding=True, add_special_tokens=False)
     comp = torch.full((len(completions), horizon - 1), tok.pad_token_id, dtype=torch.long)
@@ -113,33 +120,31 @@ def _forced_logprobs(model, prompt_texts, completions, horizon, tok) -> torch.Te
     ids = torch.cat([enc["input_ids"], comp], 1).to(model.device)
     att = torch.cat([enc["attention_mask"], cmask], 1).to(model.device)
     pos = (att.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, -horizon:].float()
+    width = enc["input_ids"].shape[1]
+    mask = (torch.arange(ids.shape[1]) < width).float().expand(ids.shape[0], -1)
+    ctx = teacher.apply(model, True, mask) if teacher is not None else contextlib.nullcontext()
+    with ctx:
+        logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, -horizon:].float()
     return torch.log_softmax(logits, -1)
 
 
 @torch.no_grad()
-def select_safety_tokens(
+def accumulate(
     model,
     tok,
     teacher: Teacher,
     instructions: Sequence[str],
-    method: str = "kl",
-    k: int = 50,
-    samples_per_prompt: int = 8,
-    horizon: int = 7,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    vote_top: int = 200,
-    min_steered_prob: float = 1e-6,
-    min_student_mass: float = 1e-3,
-    batch_size: int = 4,
+    samples_per_prompt: int,
+    horizon: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    keep_deltas: bool = False,
     progress=None,
-) -> SafetyTokens:
-    """Select the global safety-token set (see the module docstring). ``batch_size`` counts prompts."""
-    if method not in TOKEN_METHODS:
-        raise SafeSteerError(f"tokens.method={method}: choose one of {', '.join(TOKEN_METHODS)}")
-    if horizon < 1 or k < 1 or samples_per_prompt < 1:
-        raise SafeSteerError("tokens.horizon, tokens.k and tokens.samples_per_prompt must be >= 1")
+) -> dict:
+    """Steered samples on ``instructions``, teacher-forced through the steered and the unsteered
+    model: sums over valid positions of Δ, p_steered, p_base and p_steered·Δ (each (V,) float64),
+    their count ``n``, and (``keep_deltas``) the valid rows of Δ."""
     V = model.get_output_embeddings().weight.shape[0]
     eot = torch.tensor(sorted(stop_token_ids(model, tok)))
     sum_delta = torch.zeros(V, dtype=torch.float64)
@@ -168,8 +173,8 @@ def select_safety_tokens(
                 if horizon > 1
                 else [[] for _ in range(len(chunk) * samples_per_prompt)]
             )
-            t_rep = [t for t in t_texts for _ in range(samples_per_prompt)]
-            lp_s = _forced_logprobs(model, t_rep, comps, horizon, tok)
+        t_rep = [t for t in t_texts for _ in range(samples_per_prompt)]
+        lp_s = _forced_logprobs(model, t_rep, comps, horizon, tok, teacher)
         b_rep = [t for t in b_texts for _ in range(samples_per_prompt)]
         lp_b = _forced_logprobs(model, b_rep, comps, horizon, tok)
         # valid: position h predicts completion token h; it exists for h <= len(completion)
@@ -188,10 +193,59 @@ def select_safety_tokens(
         sum_pb += pb.sum(0, dtype=torch.float64)
         sum_kl += (ps * d).sum(0, dtype=torch.float64)
         n_valid += d.shape[0]
-        if method == "vote":
+        if keep_deltas:
             deltas.append(d)
         if progress is not None:
             progress.update(len(chunk))
+    return {
+        "delta": sum_delta,
+        "ps": sum_ps,
+        "pb": sum_pb,
+        "kl": sum_kl,
+        "n": n_valid,
+        "deltas": deltas,
+    }
+
+
+def select_safety_tokens(
+    model,
+    tok,
+    teacher: Teacher,
+    instructions: Sequence[str],
+    method: str = "kl",
+    k: int = 50,
+    samples_per_prompt: int = 8,
+    horizon: int = 7,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    vote_top: int = 200,
+    min_steered_prob: float = 1e-6,
+    min_student_mass: float = 1e-3,
+    batch_size: int = 4,
+    progress=None,
+    harmful: Sequence[str] = (),
+    contrast_weight: float = 1.0,
+) -> SafetyTokens:
+    """Select the global safety-token set (see the module docstring). ``batch_size`` counts prompts.
+    ``harmful`` (prompts) and ``contrast_weight`` are used by ``method="contrast"``."""
+    if method not in TOKEN_METHODS:
+        raise SafeSteerError(f"tokens.method={method}: choose one of {', '.join(TOKEN_METHODS)}")
+    if horizon < 1 or k < 1 or samples_per_prompt < 1:
+        raise SafeSteerError("tokens.horizon, tokens.k and tokens.samples_per_prompt must be >= 1")
+    if method == "contrast" and not harmful:
+        raise SafeSteerError("tokens.method=contrast needs harmful prompts (tokens.harmful)")
+    kw = dict(
+        samples_per_prompt=samples_per_prompt,
+        horizon=horizon,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+    )
+    acc = accumulate(model, tok, teacher, instructions, keep_deltas=method == "vote", progress=progress, **kw)
+    sum_delta, sum_ps, sum_pb, sum_kl, n_valid, deltas = (
+        acc[k] for k in ("delta", "ps", "pb", "kl", "n", "deltas")
+    )
+    V = sum_ps.shape[0]
     if n_valid == 0:
         raise SafeSteerError("safety-token selection found no valid positions (every sample ended at once)")
     mean_ps, mean_pb = sum_ps / n_valid, sum_pb / n_valid
@@ -206,6 +260,15 @@ def select_safety_tokens(
         score = votes.masked_fill(banned, 0.0)
         order = sorted(range(V), key=lambda v: (-score[v].item(), -(sum_delta[v] / n_valid).item()))[: k * 2]
         chosen = [v for v in order if score[v] > 0][:k]
+    elif method == "contrast":
+        hacc = accumulate(model, tok, teacher, harmful, progress=progress, **kw)
+        if hacc["n"] == 0:
+            raise SafeSteerError("safety-token selection found no valid position on the harmful prompts")
+        # what steering adds on harmful prompts, minus what the original model uses on benign ones
+        score = hacc["kl"] / hacc["n"] - contrast_weight * mean_pb
+        banned |= hacc["ps"] / hacc["n"] < min_steered_prob
+        score = score.masked_fill(banned, float("-inf"))
+        chosen = [v for v in score.topk(min(k, V)).indices.tolist() if torch.isfinite(score[v])]
     else:
         score = (sum_delta if method == "mean" else sum_kl) / n_valid
         score = score.masked_fill(banned, float("-inf"))
@@ -236,6 +299,11 @@ def select_safety_tokens(
             min_steered_prob=min_steered_prob,
             n_prompts=len(instructions),
             n_valid_positions=n_valid,
+            **(
+                {"n_harmful_prompts": len(harmful), "contrast_weight": contrast_weight}
+                if method == "contrast"
+                else {}
+            ),
         ),
     )
     if student_mass < min_student_mass:

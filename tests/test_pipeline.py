@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -120,7 +121,7 @@ def test_harm_gated_teacher_prompt_steering_and_model_selection(tmp_path):
     assert "model.embed_tokens.weight" in same and all(
         n in same for n in base if n.startswith("model.layers.1.")
     )
-    assert any(n.startswith("model.layers.4.") and n not in same for n in base)
+    assert any(n.startswith("model.layers.3.") and n not in same for n in base)  # the last block
 
 
 # ---------------------------------------------------------------------- in-process worker groups
@@ -239,7 +240,7 @@ def test_teacher_actor_matches_direct_computation(group):
     # mixed flags through the actor (conditional steering: anchors get the vector at teacher.anchor_coeff)
     anchor_coeff = group["cfg"].teacher.anchor_coeff
     assert anchor_coeff != 0  # the defaults steer the anchors' teacher away from refusal
-    away = Teacher(kind="vector", vector=teacher.vector, anchor_coeff=anchor_coeff)
+    away = dataclasses.replace(teacher, anchor_coeff=anchor_coeff)
     anchored = score_completions(model, tok, away, ins, comps, "ids", ids, steer=[False] * len(comps))
     assert not torch.allclose(anchored["logprobs"], plain["logprobs"], atol=1e-4)
     steer = [i % 2 == 0 for i in range(len(comps))]

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.safesteer-setup-$(SAFESTEER_DEVICE)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast lint bench gpu-bundle gpu-check clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,14 @@ lint: setup
 # Performance benchmark (docs/performance.md), e.g. make bench ARGS="--repeats 1 --systems pipeline,sequential"
 bench: setup
 	$(PY) -m safesteer.bench $(ARGS)
+
+# The GPU check (deploy/gpu/README.md): build the bundle here, then run the check on a CUDA machine
+# that has PyTorch but no internet, e.g. make gpu-bundle RUN=outputs/DATE/TIME; make gpu-check
+gpu-bundle: setup
+	RUN=$(RUN) bash deploy/gpu/bundle.sh .gpu
+
+gpu-check:
+	BUNDLE=.gpu bash deploy/gpu/check.sh $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -79,7 +79,15 @@ def score_completions(
             b = collate(prompts[s : s + batch_size], comps[s : s + batch_size], tok.pad_token_id)
             mask = prompt_mask(b["prompt_lens"], b["input_ids"].shape[1])
             with teacher.apply(model, flag, mask):
-                out = teacher_logprobs(model, b["input_ids"], b["attention_mask"], output, ids, k, chunk_size)
+                out = teacher_logprobs(
+                    model,
+                    b["input_ids"].to(model.device),
+                    b["attention_mask"].to(model.device),
+                    output,
+                    ids,
+                    k,
+                    chunk_size,
+                )
             for key, v in out.items():
                 v = completion_slice(v, b["prompt_lens"], b["completion_lens"])
                 if key not in full:

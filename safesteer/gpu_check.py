@@ -1,0 +1,228 @@
+"""The GPU path on one device, without Ray or vLLM: ``python -m safesteer.gpu_check``.
+
+Made for a bare CUDA machine that has PyTorch and nothing else (``make gpu-check``; the wheels that
+travel with it are listed in deploy/gpu/README.md). On the default model, with the steering vector and
+safety tokens of a finished run (``--run``), it exercises the code the actors run:
+
+1. the student generates completions (HF ``generate``; the rollout's vLLM engine is not exercised here);
+2. the HF steered teacher (:class:`safesteer.teacher.TeacherWorker`) scores them in bf16, training
+   prompts steered and anchors not;
+3. one DeepSpeed ZeRO-2 learner rank (:class:`safesteer.learner.LearnerWorker`, NCCL on CUDA) takes
+   optimizer steps of the localized loss under bf16 autocast;
+4. the learner's weight export is read back into a state dict and checked against the model.
+
+Each stage prints one JSON line with its tokens/s and peak memory; the last line is the verdict. Exit 0
+only if every check passed. It runs on CPU too (gloo, no bf16 unless asked), which the tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from safesteer.errors import SafeSteerError, one_line
+
+
+def _peak_gb(device: str) -> dict:
+    if device == "cuda":
+        return {"peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
+    return {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+def _reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _report(stage: str, **fields) -> dict:
+    row = {"stage": stage, **fields}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def model_dir(model: str) -> str:
+    """``--model``: a GGUF file (converted once into the cache), or what ``model.path`` accepts."""
+    from safesteer.models import convert_gguf, resolve_model_path, verify_checkpoint
+    from safesteer.paths import cache_dir
+
+    if model.endswith(".gguf"):
+        gguf = Path(model)
+        out = cache_dir() / "models" / gguf.stem.lower()
+        if out.is_dir() and verify_checkpoint(out) is None:
+            return str(out)
+        return str(convert_gguf(gguf, out))
+    return resolve_model_path(model)
+
+
+def run_artifacts(run: Path) -> tuple[bytes, list[int]]:
+    """The steering vector (safetensors bytes) and the safety-token ids of a finished run."""
+    from safesteer.core.tokens import SafetyTokens
+
+    vector = run / "vector.safetensors"
+    if not vector.is_file():
+        raise SafeSteerError(f"--run {run}: no vector.safetensors (give the directory of a finished run)")
+    return vector.read_bytes(), SafetyTokens.load(run / "safety_tokens.json").ids
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    from safesteer.config import CONF_DIR, validate
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base=None):
+            cfg = hydra_compose("config", overrides=overrides)
+    except HydraException as e:
+        raise SafeSteerError(f"invalid override: {one_line(e)}") from e
+    validate(cfg)
+    return cfg
+
+
+def check(args) -> dict:
+    from safetensors.torch import load as load_safetensors
+
+    from safesteer.actors import free_port
+    from safesteer.core.batch import collate, to_sequence_positions
+    from safesteer.core.steering import chat_texts, generate
+    from safesteer.data import load_prompts
+    from safesteer.learner import LearnerWorker
+    from safesteer.models import load_hf
+    from safesteer.teacher import OUTPUT_FOR_LOSS, TeacherWorker
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg = compose(args.overrides)
+    path = model_dir(args.model)
+    vector_blob, ids = run_artifacts(Path(args.run))
+    n = args.prompts // 2
+    train = [p.instruction for p in load_prompts(cfg.data.train[0], limit=n)]
+    anchors = [p.instruction for p in load_prompts(cfg.data.anchor[0], limit=n)]
+    if min(len(train), len(anchors)) < n:
+        raise SafeSteerError(
+            f"--prompts {args.prompts}: {cfg.data.train[0]} and {cfg.data.anchor[0]} "
+            f"have {len(train)} and {len(anchors)} prompts; ask for at most twice the fewer"
+        )
+    instructions, steer = train + anchors, [True] * len(train) + [False] * len(anchors)
+    bf16 = device == "cuda" or args.bf16
+    rows = [_report("setup", device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                    torch=torch.__version__, model=path, safety_ids=len(ids))]  # fmt: skip
+
+    # 1. the student's completions
+    model, tok = load_hf(path, dtype="bfloat16" if bf16 else "float32")
+    model.to(device)
+    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, instructions)]
+    torch.manual_seed(cfg.seed)
+    _reset_peak(device)
+    t = time.perf_counter()
+    comps = generate(model, tok, chat_texts(tok, instructions), args.max_new_tokens, do_sample=True,
+                     batch_size=len(instructions))  # fmt: skip
+    _sync(device)
+    comps = [c or [tok.eos_token_id] for c in comps]
+    tokens = sum(len(c) for c in comps)
+    secs = time.perf_counter() - t
+    rows.append(_report("generate", sequences=len(comps), tokens=tokens, seconds=round(secs, 3),
+                        tokens_per_s=round(tokens / secs, 1), **_peak_gb(device)))  # fmt: skip
+    base = {k: v.detach().to(torch.bfloat16).cpu() for k, v in model.state_dict().items()}
+    del model
+
+    # 2. the steered teacher, bf16 autocast
+    teacher = TeacherWorker(path, {**dict(cfg.teacher), "bf16": bf16}, cfg.teacher.kind, vector_blob,
+                            cfg.teacher.system_prompt, ids, OUTPUT_FOR_LOSS[cfg.learner.loss],
+                            cfg.learner.topk, "float32")  # fmt: skip
+    teacher.score(instructions[:2], comps[:2], steer[:2])  # warm-up
+    _reset_peak(device)
+    scored = teacher.score(instructions, comps, steer)
+    lp = scored["teacher"]["logprobs"]
+    finite = bool(torch.isfinite(lp).all())
+    rows.append(_report("teacher", tokens=tokens, seconds=round(scored["seconds"], 3),
+                        tokens_per_s=round(tokens / scored["seconds"], 1), finite=finite,
+                        **_peak_gb(device)))  # fmt: skip
+    del teacher
+
+    # 3. one ZeRO-2 learner rank, the localized loss
+    batch = collate(prompt_ids, comps, tok.pad_token_id)
+    L = batch["input_ids"].shape[1]
+    batch["teacher_logprobs"] = to_sequence_positions(lp, batch["prompt_lens"], batch["completion_lens"], L)
+    batch["anchor"] = torch.tensor([0.0 if s else 1.0 for s in steer])
+    batch["weight"] = torch.tensor([1.0 if s else cfg.trainer.anchor_weight for s in steer])
+    lcfg = {**dict(cfg.learner), "world_size": 1, "zero_stage": 2, "bf16": bf16,
+            "micro_batch_size": args.micro_batch_size}  # fmt: skip
+    t = time.perf_counter()
+    learner = LearnerWorker(0, path, lcfg, "127.0.0.1", free_port(), args.steps, len(comps), ids, cfg.seed)
+    rows.append(_report("learner_init", seconds=round(time.perf_counter() - t, 3),
+                        backend=torch.distributed.get_backend()))  # fmt: skip
+    _reset_peak(device)
+    steps = []
+    for _ in range(args.steps):
+        out = learner.train_step(batch)
+        _sync(device)
+        steps.append(out)
+        rows.append(_report("learner_step", step=out["step"], loss=float(f"{out['loss']:.4g}"),
+                            grad_norm=float(f"{out['grad_norm']:.4g}"), tokens=out["tokens"],
+                            seconds=round(out["seconds"], 3),
+                            tokens_per_s=round(out["tokens"] / out["seconds"], 1),
+                            **_peak_gb(device)))  # fmt: skip
+
+    # 4. the weight export, read back into a state dict
+    t = time.perf_counter()
+    blob = learner.export_weights("bfloat16")
+    state = load_safetensors(blob)
+    secs = time.perf_counter() - t
+    expected = {k for k in base if not (learner.tied and k == "lm_head.weight")}
+    shapes = all(state[k].shape == base[k].shape for k in expected & set(state))
+    changed = sum(not torch.equal(state[k], base[k]) for k in expected & set(state))
+    rows.append(_report("export", seconds=round(secs, 3), megabytes=round(len(blob) / 2**20, 1),
+                        tensors=len(state), changed=changed))  # fmt: skip
+
+    failures = []
+    if not finite:
+        failures.append("teacher log-probs not finite")
+    if any(s["skipped"] or not torch.isfinite(torch.tensor(s["loss"])) for s in steps):
+        failures.append("a learner step was skipped or its loss not finite")
+    if [s["step"] for s in steps] != list(range(1, args.steps + 1)):
+        failures.append(f"learner steps {[s['step'] for s in steps]}")
+    if set(state) != expected or not shapes:
+        failures.append("exported keys or shapes differ from the model's")
+    if changed == 0:
+        failures.append("no exported weight differs from the initial model")
+    return _report("verdict", ok=not failures, failures=failures, checks=len(rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m safesteer.gpu_check", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="default", help="a .gguf file, an HF model directory, default or tiny")
+    ap.add_argument(
+        "--run", required=True, help="a finished run on this model (vector.safetensors, safety_tokens.json)"
+    )
+    ap.add_argument("--prompts", type=int, default=32, help="half training prompts (steered), half anchors")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="learner optimizer steps")
+    ap.add_argument("--bf16", action="store_true", help="bf16 on CPU too (always on CUDA)")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides of the run's config (key=value)")
+    args = ap.parse_args(argv)
+    if args.prompts < 2 or args.prompts % 2 or args.prompts % args.micro_batch_size:
+        ap.error("--prompts must be even and a multiple of --micro-batch-size")
+    try:
+        verdict = check(args)
+    except SafeSteerError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
+    return 0 if verdict["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

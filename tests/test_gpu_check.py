@@ -1,0 +1,51 @@
+"""``python -m safesteer.gpu_check``, the GPU check, run here on CPU (gloo) on the tiny model so that it
+cannot rot between the sessions that have a GPU. What it prints on a CUDA device is in
+docs/performance.md; no GPU exists on this machine, so CUDA and NCCL themselves are not exercised here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def gpu_check(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "safesteer.gpu_check", "--model", "tiny", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("prep")
+    cmd = [sys.executable, "-m", "safesteer.steer", "+experiment=smoke", f"hydra.run.dir={out}"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return out
+
+
+def test_gpu_check_runs_every_stage_and_passes(run_dir):
+    p = gpu_check("--run", str(run_dir), "--prompts", "8", "--max-new-tokens", "8", "--micro-batch-size", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    stages = [r["stage"] for r in rows]
+    steps = ["learner_step"] * 3
+    assert stages == ["setup", "generate", "teacher", "learner_init", *steps, "export", "verdict"]
+    by = {r["stage"]: r for r in rows}
+    assert by["verdict"]["ok"] and by["verdict"]["failures"] == []
+    assert by["learner_init"]["backend"] == "gloo"
+    assert [r["step"] for r in rows if r["stage"] == "learner_step"] == [1, 2, 3]
+    assert by["teacher"]["finite"] and by["teacher"]["tokens_per_s"] > 0
+    assert by["export"]["changed"] > 0 and by["export"]["tensors"] > 0
+
+
+def test_gpu_check_refuses_a_directory_without_a_run(tmp_path):
+    p = gpu_check("--run", str(tmp_path))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: --run {tmp_path}: no vector.safetensors")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,9 @@ from safesteer.errors import SafeSteerError, one_line
 def _peak_gb(device: str) -> dict:
     if device == "cuda":
         return {"peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
-    return {"peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    from safesteer.bench.common import peak_rss_mb_self
+
+    return {"peak_rss_gb": round(peak_rss_mb_self() / 1024, 3)}
 
 
 def _reset_peak(device: str) -> None:
@@ -77,19 +78,15 @@ def run_artifacts(run: Path) -> tuple[bytes, list[int]]:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The run config (the benchmark's composition), a bad override as one SafeSteerError line."""
     from hydra.errors import HydraException
 
-    from safesteer.config import CONF_DIR, validate
+    from safesteer.bench.common import compose as compose_run
 
     try:
-        with initialize_config_dir(str(CONF_DIR), version_base=None):
-            cfg = hydra_compose("config", overrides=overrides)
+        return compose_run(overrides)
     except HydraException as e:
         raise SafeSteerError(f"invalid override: {one_line(e)}") from e
-    validate(cfg)
-    return cfg
 
 
 def check(args) -> dict:

@@ -14,6 +14,30 @@ import time
 from dataclasses import dataclass, field
 
 from safesteer.errors import SafeSteerError
+from safesteer.schema import option
+
+
+@dataclass
+class Placement:
+    """What one actor of a group asks Ray for (the ``rollout``, ``teacher`` and ``learner`` groups)."""
+
+    num_cpus: float = option(ge=0)
+    num_gpus: float = option(ge=0)
+    threads: int = option(ge=1)
+    resources: dict[str, float] = option(default={})
+
+
+@dataclass
+class ClusterConfig:
+    """``cluster``: where the actors run (conf/cluster)."""
+
+    address: str | None = option()
+    num_cpus: float | None = option(gt=0)
+    include_dashboard: bool = option()
+    dashboard_host: str = option()
+    connect_timeout_s: float = option(gt=0)
+    placement_timeout_s: float = option(gt=0)
+    strategy: str = option(choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
 
 
 def configure_threads(n: int) -> None:
@@ -60,18 +84,18 @@ def _reachable(address: str, timeout_s: float) -> bool:
             time.sleep(1)
 
 
-def connect(cluster_cfg: dict, roles: list[Role], run_env: dict) -> None:
+def connect(cluster: ClusterConfig, roles: list[Role], run_env: dict) -> None:
     """Attach to ``cluster.address`` or start an embedded local Ray sized for ``roles``."""
     import ray
 
     if ray.is_initialized():
         return
-    address = cluster_cfg.get("address")
+    address = cluster.address
     runtime_env = {"env_vars": run_env}
     if address:
         # ray.init retries an unreachable GCS for many minutes: check host:port first, within a bound.
         gcs = os.environ.get("RAY_ADDRESS", "") if address == "auto" else str(address)
-        wait_s = float(cluster_cfg.get("connect_timeout_s", 60))
+        wait_s = float(cluster.connect_timeout_s)
         if re.fullmatch(r"[\w.-]+:\d+", gcs) and not _reachable(gcs, wait_s):
             raise SafeSteerError(
                 f"cluster.address={address}: no Ray cluster answers at {gcs} within {wait_s:.0f}s"
@@ -84,7 +108,7 @@ def connect(cluster_cfg: dict, roles: list[Role], run_env: dict) -> None:
             ) from e
         return
     need = sum(r.num_cpus * r.count for r in roles)
-    num_cpus = cluster_cfg.get("num_cpus") or max(1, int(-(-need // 1)))
+    num_cpus = cluster.num_cpus or max(1, int(-(-need // 1)))
     custom: dict[str, float] = {}
     for r in roles:
         for k, v in r.resources.items():
@@ -95,8 +119,8 @@ def connect(cluster_cfg: dict, roles: list[Role], run_env: dict) -> None:
         num_cpus=num_cpus,
         num_gpus=None,
         resources=custom or None,
-        include_dashboard=bool(cluster_cfg.get("include_dashboard")),
-        dashboard_host=cluster_cfg.get("dashboard_host", "127.0.0.1"),
+        include_dashboard=cluster.include_dashboard,
+        dashboard_host=cluster.dashboard_host,
         runtime_env=runtime_env,
         log_to_driver=True,
         configure_logging=True,

@@ -16,18 +16,74 @@ original model's answers are cached. The likelihood metrics run with transformer
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from safesteer.core import judge
-from safesteer.core.steering import chat_texts
+from safesteer.core.generation import chat_texts
 from safesteer.data import held_out, load_prompts
+from safesteer.schema import group, option, require, typed
+
+
+@dataclass
+class BarConfig:
+    """``eval.bar``: the project's bar, checked in every report."""
+
+    harmful_refusal: float = option(fraction="[]")
+    benign_increase: float = option(fraction="[]")
+    edgy_increase: float = option(fraction="[]")
+    degenerate: float = option(fraction="[]")
+
+
+@dataclass
+class ClassifierConfig:
+    """``eval.classifier``: an optional local safety classifier judge."""
+
+    path: str | None = option()
+    template: str = option(choices=("llamaguard", "harmbench"))
+    max_new_tokens: int = option(ge=1)
+    max_model_len: int = option(ge=2)
+
+
+@dataclass
+class EvalConfig:
+    """``eval``: evaluation before and after distillation (conf/eval)."""
+
+    enabled: bool = option()
+    harmful_sets: list[str] = option(default=[])
+    benign_sets: list[str] = option(default=[])
+    edgy_sets: list[str] = option(default=[])
+    max_prompts: int | None = option(ge=1)
+    max_new_tokens: int = option(ge=1)
+    capability_set: str = option()
+    mmlu_set: str = option()
+    n_mmlu: int | None = option(ge=1)
+    mmlu_form: str = option(choices=("cloze", "letter"))
+    bar: BarConfig = group(BarConfig)
+    classifier: ClassifierConfig = group(ClassifierConfig)
+    model: str | None = option()
+    lm_eval_tasks: list[str] = option(default=[])
+
+    @staticmethod
+    def rules(cfg) -> None:
+        ev = cfg.eval
+        named = [*ev.harmful_sets, *ev.benign_sets, *ev.edgy_sets]
+        twice = sorted({n for n in named if named.count(n) > 1})
+        require(not twice, "eval.harmful_sets/benign_sets/edgy_sets", twice, "a set may be in one group only")
+        require(
+            len(ev.harmful_sets) > 0, "eval.harmful_sets", list(ev.harmful_sets), "needs at least one set"
+        )
+        why = "must be one of the evaluation sets (eval.benign_sets)"
+        require(ev.capability_set in named, "eval.capability_set", ev.capability_set, why)
+
 
 log = logging.getLogger(__name__)
 
@@ -415,12 +471,9 @@ def classify(cfg, answers: list[dict[str, list[str]]], sets: dict[str, list[str]
     path = resolve_model_path(c.path)
     ctok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    engine_cfg = {
-        **dict(cfg.rollout),
-        "dtype": compute_dtype(cfg.model.dtype, device),
-        "max_model_len": c.max_model_len,
-    }
-    engine = RolloutWorker(path, engine_cfg, cfg.seed, device, cfg.model.trust_remote_code)
+    engine_cfg = dataclasses.replace(typed(cfg.rollout), max_model_len=c.max_model_len)
+    dtype = compute_dtype(cfg.model.dtype, device)
+    engine = RolloutWorker(path, engine_cfg, dtype, cfg.seed, device, cfg.model.trust_remote_code)
     out = []
     for texts in answers:
         rates = {}
@@ -537,10 +590,9 @@ def _main(cfg) -> None:
     sets = eval_sets(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = compute_dtype(cfg.model.dtype, device)
-    rollout_cfg = {**dict(cfg.rollout), "dtype": dtype}
 
     def engine_answers(path: str):
-        engine = RolloutWorker(path, rollout_cfg, cfg.seed, device, cfg.model.trust_remote_code)
+        engine = RolloutWorker(path, typed(cfg.rollout), dtype, cfg.seed, device, cfg.model.trust_remote_code)
         try:
             return generate_answers(engine.greedy, tok, sets, cfg.eval.max_new_tokens)
         finally:

@@ -18,14 +18,20 @@ only if every check passed. It runs on CPU too (gloo, no bf16 unless asked), whi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from safesteer.errors import SafeSteerError, one_line
+from safesteer.schema import typed
+
+if TYPE_CHECKING:
+    from safesteer.core.tokens import SafetyTokens
 
 
 def _peak_gb(device: str) -> dict:
@@ -67,14 +73,14 @@ def model_dir(model: str) -> str:
     return resolve_model_path(model)
 
 
-def run_artifacts(run: Path) -> tuple[bytes, list[int]]:
-    """The steering vector (safetensors bytes) and the safety-token ids of a finished run."""
+def run_artifacts(run: Path) -> tuple[bytes, SafetyTokens]:
+    """The steering vector (safetensors bytes) and the safety tokens of a finished run."""
     from safesteer.core.tokens import SafetyTokens
 
     vector = run / "vector.safetensors"
     if not vector.is_file():
         raise SafeSteerError(f"--run {run}: no vector.safetensors (give the directory of a finished run)")
-    return vector.read_bytes(), SafetyTokens.load(run / "safety_tokens.json").ids
+    return vector.read_bytes(), SafetyTokens.load(run / "safety_tokens.json")
 
 
 def compose(overrides: list[str]):
@@ -94,7 +100,7 @@ def check(args) -> dict:
 
     from safesteer.actors import free_port
     from safesteer.core.batch import collate, to_sequence_positions
-    from safesteer.core.steering import chat_texts, generate
+    from safesteer.core.generation import chat_texts, generate
     from safesteer.data import load_prompts
     from safesteer.learner import LearnerWorker
     from safesteer.models import load_hf
@@ -103,7 +109,7 @@ def check(args) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = compose(args.overrides)
     path = model_dir(args.model)
-    vector_blob, ids = run_artifacts(Path(args.run))
+    vector_blob, safety = run_artifacts(Path(args.run))
     n = args.prompts // 2
     train = [p.instruction for p in load_prompts(cfg.data.train[0], limit=n)]
     anchors = [p.instruction for p in load_prompts(cfg.data.anchor[0], limit=n)]
@@ -115,7 +121,7 @@ def check(args) -> dict:
     instructions, steer = train + anchors, [True] * len(train) + [False] * len(anchors)
     bf16 = device == "cuda" or args.bf16
     rows = [_report("setup", device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                    torch=torch.__version__, model=path, safety_ids=len(ids))]  # fmt: skip
+                    torch=torch.__version__, model=path, safety_ids=len(safety.ids))]  # fmt: skip
 
     # 1. the student's completions
     model, tok = load_hf(path, dtype="bfloat16" if bf16 else "float32")
@@ -136,9 +142,8 @@ def check(args) -> dict:
     del model
 
     # 2. the steered teacher, bf16 autocast
-    teacher = TeacherWorker(path, {**dict(cfg.teacher), "bf16": bf16}, cfg.teacher.kind, vector_blob,
-                            cfg.teacher.system_prompt, ids, OUTPUT_FOR_LOSS[cfg.learner.loss],
-                            cfg.learner.topk, "float32")  # fmt: skip
+    teacher = TeacherWorker(path, dataclasses.replace(typed(cfg.teacher), bf16=bf16), vector_blob, safety,
+                            OUTPUT_FOR_LOSS[cfg.learner.loss])  # fmt: skip
     teacher.score(instructions[:2], comps[:2], steer[:2])  # warm-up
     _reset_peak(device)
     scored = teacher.score(instructions, comps, steer)
@@ -155,10 +160,10 @@ def check(args) -> dict:
     batch["teacher_logprobs"] = to_sequence_positions(lp, batch["prompt_lens"], batch["completion_lens"], L)
     batch["anchor"] = torch.tensor([0.0 if s else 1.0 for s in steer])
     batch["weight"] = torch.tensor([1.0 if s else cfg.trainer.anchor_weight for s in steer])
-    lcfg = {**dict(cfg.learner), "world_size": 1, "zero_stage": 2, "bf16": bf16,
-            "micro_batch_size": args.micro_batch_size}  # fmt: skip
+    lcfg = dataclasses.replace(typed(cfg.learner), world_size=1, zero_stage=2, bf16=bf16,
+                               micro_batch_size=args.micro_batch_size)  # fmt: skip
     t = time.perf_counter()
-    learner = LearnerWorker(0, path, lcfg, "127.0.0.1", free_port(), args.steps, len(comps), ids, cfg.seed)
+    learner = LearnerWorker(0, path, lcfg, "127.0.0.1", free_port(), args.steps, len(comps), safety, cfg.seed)
     rows.append(_report("learner_init", seconds=round(time.perf_counter() - t, 3),
                         backend=torch.distributed.get_backend()))  # fmt: skip
     _reset_peak(device)

@@ -8,23 +8,53 @@ NCCL on GPU; the driver bootstraps the group (address, port, ranks).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from safesteer.actors import configure_threads
+from safesteer import learner_state
+from safesteer.actors import Placement, configure_threads
 from safesteer.core.batch import split, trim
-from safesteer.core.loss import localized_reverse_kl_terms, safety_mass, sequence_mean
+from safesteer.core.loss import MODES, localized_reverse_kl_terms, safety_mass, sequence_mean
 from safesteer.core.scoring import right_padded_positions
+from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
 from safesteer.models import use_bf16
+from safesteer.schema import option, require
+
+
+@dataclass
+class LearnerConfig(Placement):
+    """``learner``: the DeepSpeed ZeRO learner group (conf/learner)."""
+
+    world_size: int = option(ge=1)
+    zero_stage: int = option(choices=(0, 1, 2, 3))
+    loss: str = option(choices=MODES)
+    renormalize: bool = option()
+    lr: float = option(gt=0)
+    train_from_layer: int | None = option(ge=0)
+    weight_decay: float = option(ge=0)
+    betas: list[float] = option(default=[])
+    warmup_ratio: float = option(fraction="[)")
+    grad_clip: float = option(gt=0)
+    bf16: Any = option(choices=(True, False, "auto"))
+    micro_batch_size: int = option(ge=1)
+
+    @staticmethod
+    def rules(cfg) -> None:
+        ln = cfg.learner
+        why = "cannot be combined with learner.loss=bucket"
+        require(not (ln.renormalize and ln.loss == "bucket"), "learner.renormalize", ln.renormalize, why)
+        betas = list(ln.betas)
+        ok = len(betas) == 2 and all(0 <= b < 1 for b in betas)
+        require(ok, "learner.betas", betas, "must be two numbers in [0, 1)")
+
 
 # Adam's per-partition state, saved next to the fp32 master partition (ZeRO keeps one of each per rank).
-OPTIMIZER_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float):
@@ -64,16 +94,16 @@ def freeze_below(model, layer: int | None) -> list[str]:
     return names
 
 
-def deepspeed_config(cfg: dict, sequences_per_step: int) -> dict:
-    world, micro = cfg["world_size"], cfg["micro_batch_size"]
-    zero = {"stage": cfg["zero_stage"]}
-    if cfg["zero_stage"] == 3:
+def deepspeed_config(cfg: LearnerConfig, sequences_per_step: int) -> dict:
+    world, micro = cfg.world_size, cfg.micro_batch_size
+    zero = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = 0
     return {
         "train_batch_size": sequences_per_step,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": sequences_per_step // (world * micro),
-        "gradient_clipping": cfg["grad_clip"],
+        "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -87,22 +117,22 @@ class LearnerWorker:
         self,
         rank: int,
         model_path: str,
-        cfg: dict,
+        cfg: LearnerConfig,
         master_addr: str,
         master_port: int,
         total_steps: int,
         sequences_per_step: int,
-        safety_ids: list[int] | None,
+        tokens: SafetyTokens | None,
         seed: int,
         trust_remote_code: bool = False,
     ):
-        configure_threads(cfg["threads"])
+        configure_threads(cfg.threads)
         cuda = torch.cuda.is_available()
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
             RANK=str(rank),
-            WORLD_SIZE=str(cfg["world_size"]),
+            WORLD_SIZE=str(cfg.world_size),
             LOCAL_RANK="0" if not cuda else os.environ.get("LOCAL_RANK", "0"),
             LOCAL_SIZE="1",
         )
@@ -118,42 +148,47 @@ class LearnerWorker:
 
         torch.manual_seed(seed)
         self.rank, self.device = rank, "cuda" if cuda else "cpu"
-        self.cfg = {**cfg, "bf16": use_bf16(cfg["bf16"], self.device)}
+        self.cfg, self.bf16 = cfg, use_bf16(cfg.bf16, self.device)
         model = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=torch.float32, trust_remote_code=trust_remote_code
         )
         model.config.use_cache = False
-        freeze_below(model, cfg.get("train_from_layer"))
+        freeze_below(model, cfg.train_from_layer)
         opt = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
-            lr=cfg["lr"],
-            betas=tuple(cfg["betas"]),
-            weight_decay=cfg["weight_decay"],
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, cfg["warmup_ratio"]))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, cfg.warmup_ratio))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, sequences_per_step)
         )
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
-        self.ids = torch.tensor(safety_ids, device=self.device) if safety_ids else None
+        self.tokens = tokens
+        self.ids = torch.tensor(tokens.ids, device=self.device) if tokens is not None else None
         self.steps = 0
+
+    def safety_tokens_hash(self) -> str | None:
+        """The content hash of the safety tokens this rank trains on (checked against the driver's)."""
+        return self.tokens.content_hash() if self.tokens is not None else None
 
     def _micro_loss(self, mb: dict) -> tuple[torch.Tensor, dict]:
         mb = {k: v.to(self.device) for k, v in trim(mb).items()}
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.cfg["bf16"]):
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.engine(
                 input_ids=mb["input_ids"],
                 attention_mask=mb["attention_mask"],
                 position_ids=right_padded_positions(mb["attention_mask"]),
             ).logits[:, :-1]
-        mode = self.cfg["loss"]
+        mode = self.cfg.loss
         ids = mb.get("teacher_ids", self.ids)
         terms = localized_reverse_kl_terms(
             logits,
             mb["teacher_logprobs"],
             ids,
             mode,
-            self.cfg["renormalize"],
+            self.cfg.renormalize,
             target_ids=mb["input_ids"][:, 1:],
         )
         per_seq = sequence_mean(terms, mb["completion_mask"])
@@ -176,7 +211,7 @@ class LearnerWorker:
         """
         t = time.perf_counter()
         self.engine.train()
-        n_micro = shard["input_ids"].shape[0] // self.cfg["micro_batch_size"]
+        n_micro = shard["input_ids"].shape[0] // self.cfg.micro_batch_size
         if n_micro != self.engine.gradient_accumulation_steps():  # else DeepSpeed steps mid-shard
             raise ValueError(
                 f"learner rank {self.rank}: shard of {shard['input_ids'].shape[0]} sequences is "
@@ -221,98 +256,13 @@ class LearnerWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def _partitions(self) -> list[torch.Tensor]:
-        """This rank's flat fp32 master partitions (one per parameter group)."""
-        opt = self.engine.optimizer
-        if self.cfg["zero_stage"] == 3:
-            return list(opt.fp32_partitioned_groups_flat)
-        return list(opt.single_partition_of_fp32_groups)
-
     def save_state(self, directory: str) -> str:
-        """Write this rank's share of a checkpoint: ``learner-rank<r>.safetensors`` in ``directory``.
-
-        It holds the rank's fp32 master partitions, their Adam state, the torch RNG state and (as
-        metadata) the step counters and LR schedule: everything needed to continue bitwise-exactly
-        with the same world size and ZeRO stage. No pickle anywhere.
-        """
-        from safetensors.torch import save_file
-
-        base = self.engine.optimizer.optimizer
-        tensors = {"rng.torch": torch.get_rng_state()}
-        for i, flat in enumerate(self._partitions()):
-            tensors[f"fp32.{i}"] = flat.detach().cpu()
-            for key, value in base.state.get(flat, {}).items():
-                if key in OPTIMIZER_STATE and torch.is_tensor(value):
-                    tensors[f"{key}.{i}"] = value.detach().cpu()
-        sched = self.scheduler
-        meta = {
-            "world_size": self.cfg["world_size"],
-            "zero_stage": self.cfg["zero_stage"],
-            "partitions": len(self._partitions()),
-            "steps": self.steps,
-            "global_steps": self.engine.global_steps,
-            "global_samples": self.engine.global_samples,
-            "skipped_steps": self.engine.skipped_steps,
-            "scheduler": {"last_epoch": sched.last_epoch, "step_count": sched._step_count},
-            "lr": [g["lr"] for g in sched.optimizer.param_groups],
-        }
-        path = Path(directory) / f"learner-rank{self.rank}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"safesteer": json.dumps(meta)},
-        )
-        os.replace(tmp, path)
-        return str(path)
+        """Write this rank's share of a checkpoint (:func:`safesteer.learner_state.save`)."""
+        return learner_state.save(self.engine, self.scheduler, self.rank, self.cfg, self.steps, directory)
 
     def load_state(self, directory: str) -> int:
         """Restore what :meth:`save_state` wrote; returns the optimizer step it continues from."""
-        from safetensors import safe_open
-
-        path = Path(directory) / f"learner-rank{self.rank}.safetensors"
-        if not path.is_file():
-            raise SafeSteerError(
-                f"{path}: missing; a checkpoint resumes only with the learner.world_size it was written with"
-            )
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("safesteer", "null") or "null")
-            if not isinstance(meta, dict):
-                raise SafeSteerError(f"{path}: not a SafeSteer learner checkpoint (no metadata)")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        want = {"world_size": self.cfg["world_size"], "zero_stage": self.cfg["zero_stage"]}
-        have = {k: meta.get(k) for k in want}
-        if have != want or meta.get("partitions") != len(self._partitions()):
-            raise SafeSteerError(
-                f"{path}: written with {have}, this run has {want}; resume with the same learner settings"
-            )
-        base = self.engine.optimizer.optimizer
-        for i, flat in enumerate(self._partitions()):
-            saved = tensors[f"fp32.{i}"]
-            if saved.shape != flat.shape:
-                raise SafeSteerError(
-                    f"{path}: partition {i} has shape {tuple(saved.shape)}, the model's is {tuple(flat.shape)}"
-                )
-            flat.data.copy_(saved)
-            state = {k: tensors[f"{k}.{i}"].clone() for k in OPTIMIZER_STATE if f"{k}.{i}" in tensors}
-            if state:
-                base.state[flat] = state
-        opt = self.engine.optimizer
-        if self.cfg["zero_stage"] == 3:  # the working (partitioned) weights follow the fp32 masters
-            for low, master in zip(opt.fp16_partitioned_groups_flat, opt.fp32_partitioned_groups_flat):
-                low.data.copy_(master.data)
-        else:
-            opt.update_lp_params()
-        torch.set_rng_state(tensors["rng.torch"])
-        sched = self.scheduler
-        sched.last_epoch, sched._step_count = meta["scheduler"]["last_epoch"], meta["scheduler"]["step_count"]
-        for group, lr in zip(sched.optimizer.param_groups, meta["lr"]):
-            group["lr"] = lr
-        sched._last_lr = list(meta["lr"])
-        self.engine.global_steps = meta["global_steps"]
-        self.engine.global_samples = meta["global_samples"]
-        self.engine.skipped_steps = meta["skipped_steps"]
-        self.steps = meta["steps"]
+        self.steps = learner_state.load(self.engine, self.scheduler, self.rank, self.cfg, directory)
         return self.steps
 
     def export_weights(self, dtype: str = "bfloat16") -> bytes | None:
@@ -322,7 +272,7 @@ class LearnerWorker:
         dt = getattr(torch, dtype)
         module = self.engine.module
         state = {}
-        if self.cfg["zero_stage"] == 3:
+        if self.cfg.zero_stage == 3:
             import deepspeed
 
             for name, p in module.named_parameters():
@@ -345,7 +295,7 @@ class LearnerWorker:
         from safesteer.weight_sync import RolloutClient, trainer_engine, zero_source
 
         skip = ("lm_head.weight",) if self.tied else ()
-        source = zero_source(self.engine.module, self.cfg["zero_stage"], torch.bfloat16, skip)
+        source = zero_source(self.engine.module, self.cfg.zero_stage, torch.bfloat16, skip)
         client = RolloutClient(rollout_handles, tp)
         self.transfer = trainer_engine(
             self.rank, master_addr, master_port, len(rollout_handles), tp, client, source

@@ -16,10 +16,23 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from safesteer.errors import SafeSteerError
 from safesteer.paths import atomic_dir, cache_dir
+from safesteer.schema import option
+
+
+@dataclass
+class ModelConfig:
+    """``model``: the student (conf/model)."""
+
+    path: str = option()
+    dtype: str = option(choices=("auto", "float32", "bfloat16", "float16"))
+    trust_remote_code: bool = option()
+    max_prompt_tokens: int = option(ge=1)
+
 
 log = logging.getLogger(__name__)
 

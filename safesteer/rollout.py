@@ -16,8 +16,43 @@ import hashlib
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from safesteer.actors import configure_threads
+from safesteer.actors import Placement, configure_threads
+from safesteer.schema import option, require
+
+
+@dataclass
+class RolloutConfig(Placement):
+    """``rollout``: the vLLM rollout workers (conf/rollout)."""
+
+    num_workers: int = option(ge=1)
+    samples_per_prompt: int = option(ge=1)
+    temperature: float = option(gt=0, why="must be > 0 (sampling is on-policy)")
+    top_p: float = option(fraction="(]")
+    max_new_tokens: int = option(ge=1)
+    weight_sync: str = option(choices=("object_store", "nccl"))
+    tensor_parallel_size: int = option(ge=1)
+    max_model_len: int = option(ge=2)
+    enforce_eager: bool = option()
+    gpu_memory_utilization: float = option(fraction="(]")
+    kv_cache_gb: int = option(ge=1)  # VLLM_CPU_KVCACHE_SPACE takes whole GiB
+
+    @staticmethod
+    def rules(cfg) -> None:
+        r = cfg.rollout
+        if r.weight_sync == "nccl":
+            import torch
+
+            require(
+                torch.cuda.is_available(),
+                "rollout.weight_sync",
+                r.weight_sync,
+                "needs CUDA GPUs (use object_store)",
+            )
+        why = "must exceed rollout.max_new_tokens"
+        require(r.max_model_len > r.max_new_tokens, "rollout.max_model_len", r.max_model_len, why)
+
 
 CPU_ENV = {
     # one in-process engine per actor: fast construction, no extra processes
@@ -39,22 +74,24 @@ class WeightSyncExtension:
         return hashlib.sha256(blob).hexdigest()
 
 
-def engine_kwargs(model_path: str, cfg: dict, seed: int, device: str, trust_remote_code: bool) -> dict:
+def engine_kwargs(
+    model_path: str, cfg: RolloutConfig, dtype: str, seed: int, device: str, trust_remote_code: bool
+) -> dict:
     kw = dict(
         model=model_path,
         tokenizer=model_path,
-        dtype=cfg["dtype"],
+        dtype=dtype,
         seed=seed,
-        max_model_len=cfg["max_model_len"],
-        enforce_eager=cfg["enforce_eager"],
-        tensor_parallel_size=cfg["tensor_parallel_size"],
+        max_model_len=cfg.max_model_len,
+        enforce_eager=cfg.enforce_eager,
+        tensor_parallel_size=cfg.tensor_parallel_size,
         trust_remote_code=trust_remote_code,
         worker_extension_cls="safesteer.rollout.WeightSyncExtension",
-        gpu_memory_utilization=cfg["gpu_memory_utilization"],
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
     )
-    if device == "cpu" or cfg["tensor_parallel_size"] == 1:
+    if device == "cpu" or cfg.tensor_parallel_size == 1:
         kw["distributed_executor_backend"] = "uni"
-    if cfg.get("weight_sync") == "nccl":
+    if cfg.weight_sync == "nccl":
         from safesteer.weight_sync import rollout_transfer_config
 
         kw["weight_transfer_config"] = rollout_transfer_config()
@@ -82,16 +119,24 @@ def completions_from_outputs(outputs) -> list[dict]:
 class RolloutWorker:
     """A vLLM engine serving the student (wrapped by ``ray.remote`` in :mod:`safesteer.actors`)."""
 
-    def __init__(self, model_path: str, cfg: dict, seed: int, device: str, trust_remote_code: bool = False):
-        configure_threads(cfg["threads"])
+    def __init__(
+        self,
+        model_path: str,
+        cfg: RolloutConfig,
+        dtype: str,
+        seed: int,
+        device: str,
+        trust_remote_code: bool = False,
+    ):
+        configure_threads(cfg.threads)
         if device == "cpu":
             os.environ.update(CPU_ENV)
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg["kv_cache_gb"]))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
         from vllm import LLM
 
         self.cfg = cfg
         self.version = 0
-        self.llm = LLM(**engine_kwargs(model_path, cfg, seed, device, trust_remote_code))
+        self.llm = LLM(**engine_kwargs(model_path, cfg, dtype, seed, device, trust_remote_code))
         self.weights_sha256 = None
 
     def generate(

@@ -26,7 +26,7 @@ def device() -> str:
 def kept_prompts(cfg, tok, source, limit: int | None = None, what: str = "training"):
     """The prompts of a set (or list of sets) and their chat-formatted ids; prompts longer than
     ``model.max_prompt_tokens`` are skipped and counted. Returns (prompts, ids, skipped)."""
-    from safesteer.core.steering import chat_texts
+    from safesteer.core.generation import chat_texts
     from safesteer.data import load_sets
 
     prompts = load_sets(source, limit=limit)
@@ -159,10 +159,13 @@ def _main(cfg) -> None:
     from safesteer.actors import connect
     from safesteer.core.steering import load_vector
     from safesteer.core.tokens import SafetyTokens
-    from safesteer.driver import Workers, distill, roles, schedule
+    from safesteer.driver import distill, schedule
+    from safesteer.faults import workers_class
     from safesteer.models import check_architecture, resolve_model_path
     from safesteer.report import table_rows, write_report
+    from safesteer.schema import typed
     from safesteer.steer import Prepared, prepare
+    from safesteer.workers import roles
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -212,9 +215,9 @@ def _main(cfg) -> None:
         return
 
     t0 = time.perf_counter()
-    connect(dict(cfg.cluster), roles(cfg), {"TOKENIZERS_PARALLELISM": "false"})
+    connect(typed(cfg.cluster), roles(cfg), {"TOKENIZERS_PARALLELISM": "false"})
     vector_blob = prepared.vector_path.read_bytes() if prepared.vector_path else None
-    workers = Workers(cfg, model_path, vector_blob, st.ids, len(steps), device())
+    workers = workers_class()(cfg, model_path, vector_blob, st, len(steps), device())
     workers.wait_ready()
     results: dict = {"tag": cfg.tag, "skipped_prompts": skipped, "steps": len(steps)}
     timings["start actors"] = time.perf_counter() - t0

@@ -17,9 +17,22 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safesteer.core import judge
 from safesteer.paths import atomic_dir, atomic_write_text
+from safesteer.schema import option
+
+
+@dataclass
+class SelectConfig:
+    """``trainer.select``: validation during training and the exported step (conf/trainer)."""
+
+    every: int = option(ge=0)
+    harmful: Any = option()
+    harmless: Any = option()
+    max_new_tokens: int = option(ge=1)
+
 
 log = logging.getLogger(__name__)
 

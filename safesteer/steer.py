@@ -15,19 +15,88 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from safesteer.core import judge
+from safesteer.core import judge, search
 from safesteer.core import steering as S
+from safesteer.core.generation import chat_texts, generate
 from safesteer.core.probe import HarmProbe, last_token_states
 from safesteer.core.probe import fit as fit_probe
-from safesteer.core.tokens import SafetyTokens, select_safety_tokens
+from safesteer.core.tokens import TOKEN_METHODS, SafetyTokens, select_safety_tokens
 from safesteer.data import load_prompts, load_sets
 from safesteer.errors import SafeSteerError
 from safesteer.models import fingerprint, load_hf, resolve_model_path
 from safesteer.paths import atomic_dir, atomic_write_json, cache_dir
+from safesteer.schema import option, require
+
+
+@dataclass
+class SteeringConfig:
+    """``steering``: the steering vector's extraction and search (conf/steering)."""
+
+    vector: str | None = option()
+    methods: list[str] = option(default=[])
+    n_train: int = option(ge=1)
+    n_val: int = option(ge=1)
+    layers: list[int] | None = option()
+    prune_fraction: float = option(fraction="[)")
+    max_kl: float | None = option()
+    min_steering_score: float | None = option()
+    top_candidates: int = option(ge=1)
+    coeffs: list[float] = option(default=[])
+    max_new_tokens: int = option(ge=1)
+    max_degenerate: float = option(fraction="[]")
+    max_benign_refusal: float = option(fraction="[]")
+    batch_size: int = option(ge=1)
+
+    @staticmethod
+    def rules(cfg) -> None:
+        sm = list(cfg.steering.methods)
+        ok = bool(sm) and all(m in search.METHODS for m in sm)
+        require(ok, "steering.methods", sm, f"choose from {', '.join(search.METHODS)}")
+        coeffs = list(cfg.steering.coeffs)
+        require(len(coeffs) > 0, "steering.coeffs", coeffs, "needs at least one coefficient")
+
+
+@dataclass
+class TokensConfig:
+    """``tokens``: the safety-token selection (conf/tokens)."""
+
+    path: str | None = option()
+    method: str = option(choices=TOKEN_METHODS)
+    k: int = option(ge=1)
+    n_prompts: int = option(ge=1)
+    samples_per_prompt: int = option(ge=1)
+    horizon: int = option(ge=1)
+    temperature: float = option(gt=0)
+    top_p: float = option(fraction="(]")
+    harmful: Any = option()
+    contrast_weight: float = option(ge=0)
+    vote_top: int = option(ge=1)
+    min_steered_prob: float = option(ge=0)
+    min_student_mass: float = option(ge=0)
+    batch_size: int = option(ge=1)
+
+
+@dataclass
+class ProbeConfig:
+    """``probe``: the harm probe that can gate the teacher (conf/probe)."""
+
+    harmful: Any = option()
+    harmless: Any = option()
+    val_harmful: Any = option()
+    val_harmless: Any = option()
+    layers: list[int] = option(default=[])
+    batch_size: int = option(ge=1)
+
+    @staticmethod
+    def rules(cfg) -> None:
+        layers = list(cfg.probe.layers)
+        require(len(layers) > 0, "probe.layers", layers, "needs at least one layer")
+
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +164,7 @@ def build_probe(cfg, model, tok) -> tuple[HarmProbe, dict]:
         raise SafeSteerError(f"probe.layers={bad}: out of range for a {n_layers}-layer model")
 
     def states(key: str) -> dict:
-        texts = S.chat_texts(tok, _instructions(pc[key], None, cfg.seed))
+        texts = chat_texts(tok, _instructions(pc[key], None, cfg.seed))
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
         return last_token_states(model, ids, list(pc.layers), pc.batch_size)
 
@@ -122,28 +191,28 @@ def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, d
     val_h = _instructions(cfg.data.val_harmful, sc.n_val, seed)
     val_b = _instructions(cfg.data.val_harmless, sc.n_val, seed)
     n_layers = len(model.model.layers)
-    layers = list(sc.layers) if sc.layers is not None else S.allowed_layers(n_layers, sc.prune_fraction)
+    layers = list(sc.layers) if sc.layers is not None else search.allowed_layers(n_layers, sc.prune_fraction)
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise SafeSteerError(f"steering.layers={bad}: out of range for a {n_layers}-layer model")
-    candidates: list[tuple[str, S.CandidateScore, torch.Tensor]] = []
+    candidates: list[tuple[str, search.CandidateScore, torch.Tensor]] = []
     all_scores: dict[str, list[dict]] = {}
     for method in sc.methods:
         log.info("steering: %s candidates from %d harmful prompts", method, len(harmful))
         if method == "diff_in_means":
-            cands = S.diff_in_means_candidates(model, tok, harmful, harmless, sc.batch_size)
+            cands = search.diff_in_means_candidates(model, tok, harmful, harmless, sc.batch_size)
         elif method == "contrastive":
-            cands = S.contrastive_candidates(model, tok, harmful, sc.batch_size)
+            cands = search.contrastive_candidates(model, tok, harmful, sc.batch_size)
         else:
             raise SafeSteerError(
-                f"steering.methods: unknown method {method!r}; choose from {', '.join(S.METHODS)}"
+                f"steering.methods: unknown method {method!r}; choose from {', '.join(search.METHODS)}"
             )
         with tqdm(
             total=len(layers) * cands.shape[1], desc=f"reference filters ({method})", leave=False
         ) as bar:
-            scores = S.reference_scores(model, tok, cands, val_h, val_b, layers, sc.batch_size, bar)
+            scores = search.reference_scores(model, tok, cands, val_h, val_b, layers, sc.batch_size, bar)
         all_scores[method] = [asdict(s) for s in scores]
-        for s in S.reference_filter(scores, sc.max_kl, sc.min_steering_score)[: sc.top_candidates]:
+        for s in search.reference_filter(scores, sc.max_kl, sc.min_steering_score)[: sc.top_candidates]:
             candidates.append((method, s, cands[s.layer, s.position]))
     if not candidates:
         raise SafeSteerError(
@@ -155,7 +224,7 @@ def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, d
     with tqdm(total=len(candidates) * len(sc.coeffs), desc="steering search (generate + judge)") as bar:
         trials = []
         for m, s, v in candidates:
-            for t in S.coeff_search(
+            for t in search.coeff_search(
                 model,
                 tok,
                 [(s.layer, s.position, v)],
@@ -167,7 +236,7 @@ def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, d
                 bar,
             ):
                 trials.append((m, t))
-    best = S.best_trial([t for _, t in trials], sc.max_degenerate, sc.max_benign_refusal)
+    best = search.best_trial([t for _, t in trials], sc.max_degenerate, sc.max_benign_refusal)
     method = next(m for m, t in trials if t is best)
     _, score, vec = by_key[(method, best.layer, best.position)]
     sv = S.SteeringVector(
@@ -298,7 +367,7 @@ def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_n
     for name in [*cfg.eval.harmful_sets, *cfg.eval.edgy_sets]:
         prompts = [p.instruction for p in load_prompts(name, limit=n)]
         with teacher.apply(model):
-            ids = S.generate(model, tok, teacher.prompt_texts(tok, prompts), max_new_tokens)
+            ids = generate(model, tok, teacher.prompt_texts(tok, prompts), max_new_tokens)
         out[name] = judge.rates(tok.decode(x, skip_special_tokens=True) for x in ids)
     return out
 

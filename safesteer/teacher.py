@@ -14,16 +14,44 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-from safesteer.actors import configure_threads
+from safesteer.actors import Placement, configure_threads
 from safesteer.core.batch import collate, completion_slice
+from safesteer.core.generation import chat_texts
 from safesteer.core.probe import last_token_states
 from safesteer.core.scoring import teacher_logprobs
-from safesteer.core.steering import Teacher, chat_texts, load_vector_bytes, prompt_mask
+from safesteer.core.steering import POSITIONS, TEACHER_KINDS, Teacher, load_vector_bytes, prompt_mask
+from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
 from safesteer.models import load_hf
+from safesteer.schema import option, require
+
+
+@dataclass
+class TeacherConfig(Placement):
+    """``teacher``: the frozen steered teacher (conf/teacher)."""
+
+    kind: str = option(choices=TEACHER_KINDS)
+    anchor_coeff: float = option()
+    gate: str = option(choices=("label", "probe"))
+    coeff: float | None = option()
+    positions: str = option(choices=POSITIONS)
+    system_prompt: str | None = option()
+    topk: int = option(ge=1)
+    num_actors: int = option(ge=1)
+    chunk_size: int = option(ge=1)
+    batch_size: int = option(ge=1)
+    bf16: bool = option()
+
+    @staticmethod
+    def rules(cfg) -> None:
+        t = cfg.teacher
+        why = "the harm probe gates a steering vector (teacher.kind=vector)"
+        require(t.gate == "label" or t.kind == "vector", "teacher.gate", t.gate, why)
+
 
 # What the teacher must return for each loss mode of the learner.
 OUTPUT_FOR_LOSS = {
@@ -102,38 +130,39 @@ class TeacherWorker:
     def __init__(
         self,
         model_path: str,
-        cfg: dict,
-        kind: str,
+        cfg: TeacherConfig,
         vector_blob: bytes | None,
-        system_prompt: str | None,
-        safety_ids: list[int] | None,
+        tokens: SafetyTokens | None,
         output: str,
-        topk: int,
-        dtype: str,
         trust_remote_code: bool = False,
     ):
-        configure_threads(cfg["threads"])
-        self.model, self.tok = load_hf(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
+        configure_threads(cfg.threads)
+        self.model, self.tok = load_hf(model_path, dtype="float32", trust_remote_code=trust_remote_code)
         if torch.cuda.is_available():
             self.model.cuda()
-        kw = {"system_prompt": system_prompt} if system_prompt else {}
+        kw = {"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}
         vec = load_vector_bytes(vector_blob) if vector_blob is not None else None
-        coeff = None if cfg.get("coeff") is None else float(cfg["coeff"])
+        coeff = None if cfg.coeff is None else float(cfg.coeff)
         self.teacher = Teacher(
-            kind=kind,
+            kind=cfg.kind,
             vector=vec,
-            anchor_coeff=float(cfg["anchor_coeff"]),
+            anchor_coeff=float(cfg.anchor_coeff),
             coeff=coeff,
-            positions=cfg["positions"],
+            positions=cfg.positions,
             **kw,
         )
         self.probe = None
-        if cfg.get("gate") == "probe":
+        if cfg.gate == "probe":
             if vec is None or vec.probe is None:
                 raise SafeSteerError("teacher.gate=probe needs a steering vector file with a harm probe")
             self.probe = vec.probe
-        self.ids = torch.tensor(safety_ids, device=self.model.device) if safety_ids else None
-        self.output, self.topk, self.cfg = output, topk, cfg
+        self.tokens = tokens
+        self.ids = torch.tensor(tokens.ids, device=self.model.device) if tokens is not None else None
+        self.output, self.cfg = output, cfg
+
+    def safety_tokens_hash(self) -> str | None:
+        """The content hash of the safety tokens this teacher scores (checked against the driver's)."""
+        return self.tokens.content_hash() if self.tokens is not None else None
 
     def score(
         self,
@@ -145,7 +174,7 @@ class TeacherWorker:
         gate = None
         if self.probe is not None:  # the probe decides which prompts are steered; labels are ignored
             steer = gate = self.flag_harmful(instructions)
-        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.cfg["bf16"]):
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
             out = score_completions(
                 self.model,
                 self.tok,
@@ -154,9 +183,9 @@ class TeacherWorker:
                 completion_ids,
                 self.output,
                 self.ids,
-                self.topk,
-                self.cfg["chunk_size"],
-                self.cfg["batch_size"],
+                self.cfg.topk,
+                self.cfg.chunk_size,
+                self.cfg.batch_size,
                 steer,
             )
         out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
@@ -170,7 +199,7 @@ class TeacherWorker:
         """The harm probe's verdict on each prompt (the student's chat-formatted prompt, unsteered)."""
         unique = list(dict.fromkeys(instructions))
         ids = [self.tok(x, add_special_tokens=False)["input_ids"] for x in chat_texts(self.tok, unique)]
-        states = last_token_states(self.model, ids, [self.probe.layer], self.cfg["batch_size"])
+        states = last_token_states(self.model, ids, [self.probe.layer], self.cfg.batch_size)
         flags = dict(zip(unique, self.probe.flags(states[self.probe.layer]).tolist()))
         return [flags[x] for x in instructions]
 

@@ -394,7 +394,7 @@ def test_placement_timeout_names_the_missing_resources(ray_cluster, tmp_path):
 def test_unreachable_cluster_address_fails_within_the_connect_timeout(tmp_path):
     (port,) = free_ports(1)  # nothing listens there
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    cmd = distill_only_cli(tmp_path, f"cluster.address=127.0.0.1:{port}", "+cluster.connect_timeout_s=3")
+    cmd = distill_only_cli(tmp_path, f"cluster.address=127.0.0.1:{port}", "cluster.connect_timeout_s=3")
     t0 = time.monotonic()
     p = run(cmd, env=env, timeout=150)
     assert p.returncode == 2, tail(p.stdout + p.stderr)

@@ -135,9 +135,10 @@ def group(tmp_path_factory):
     from safesteer.actors import connect
     from safesteer.config import CONF_DIR, validate
     from safesteer.core.tokens import SafetyTokens
-    from safesteer.driver import Workers, roles
     from safesteer.models import resolve_model_path
+    from safesteer.schema import typed
     from safesteer.steer import prepare
+    from safesteer.workers import Workers, roles
 
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = compose(
@@ -155,8 +156,8 @@ def group(tmp_path_factory):
     model_path = resolve_model_path(cfg.model.path)
     prepared = prepare(cfg, out, model_path)
     st = SafetyTokens.load(prepared.tokens_path)
-    connect(dict(cfg.cluster), roles(cfg), {})
-    w = Workers(cfg, model_path, prepared.vector_path.read_bytes(), st.ids, 8, "cpu")
+    connect(typed(cfg.cluster), roles(cfg), {})
+    w = Workers(cfg, model_path, prepared.vector_path.read_bytes(), st, 8, "cpu")
     w.wait_ready()
     tok = AutoTokenizer.from_pretrained(model_path)
     yield {
@@ -171,6 +172,20 @@ def group(tmp_path_factory):
     ray.shutdown()
 
 
+def test_teacher_and_learners_confirm_the_drivers_safety_tokens(group):
+    from safesteer.errors import SafeSteerError
+
+    w = group["workers"]
+    w.wait_ready()  # every actor holds the driver's set (the fixture's check, again)
+    tokens = w.tokens
+    try:
+        w.tokens = dataclasses.replace(tokens, ids=list(reversed(tokens.ids)))  # another K order
+        with pytest.raises(SafeSteerError, match="the actors hold different safety tokens"):
+            w.wait_ready()
+    finally:
+        w.tokens = tokens
+
+
 def test_teacher_is_measured_on_every_evaluation_set(group):
     from safesteer.steer import measure_teacher
 
@@ -182,17 +197,17 @@ def test_teacher_is_measured_on_every_evaluation_set(group):
 
 def _fixed_batch(g, n_prompts=4):
     from safesteer.core.batch import collate, to_sequence_positions
-    from safesteer.core.steering import chat_texts
+    from safesteer.core.generation import chat_texts
     from safesteer.data import load_prompts
 
     tok, w = g["tok"], g["workers"]
     ins = [p.instruction for p in load_prompts("train_harmful", limit=n_prompts)]
     pids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, ins)]
     k = g["cfg"].rollout.samples_per_prompt
-    ro = w.collect(*w.generate(pids, [[1000 * i + j for j in range(k)] for i in range(len(pids))]))
+    ro = w.collect(*w.generate(1, pids, [[1000 * i + j for j in range(k)] for i in range(len(pids))]))
     comps = [s["completion_ids"] for samples in ro["samples"] for s in samples]
     ins_rep = [i for i in ins for _ in range(k)]
-    sc = w.score(ins_rep, comps, [True] * len(comps))
+    sc = w.score(1, ins_rep, comps, [True] * len(comps))
     batch = collate([p for p in pids for _ in range(k)], comps, tok.pad_token_id)
     L = batch["input_ids"].shape[1]
     batch["teacher_logprobs"] = to_sequence_positions(
@@ -203,7 +218,8 @@ def _fixed_batch(g, n_prompts=4):
 
 def test_teacher_actor_matches_direct_computation(group):
     from safesteer.core.batch import collate, completion_slice
-    from safesteer.core.steering import Teacher, chat_texts, load_vector
+    from safesteer.core.generation import chat_texts
+    from safesteer.core.steering import Teacher, load_vector
     from safesteer.models import load_hf
     from safesteer.teacher import score_completions
 
@@ -244,7 +260,7 @@ def test_teacher_actor_matches_direct_computation(group):
     anchored = score_completions(model, tok, away, ins, comps, "ids", ids, steer=[False] * len(comps))
     assert not torch.allclose(anchored["logprobs"], plain["logprobs"], atol=1e-4)
     steer = [i % 2 == 0 for i in range(len(comps))]
-    mixed = group["workers"].score(ins, comps, steer)["teacher"]["logprobs"]
+    mixed = group["workers"].score(1, ins, comps, steer)["teacher"]["logprobs"]
     for i, s in enumerate(steer):
         want = direct[i] if s else anchored["logprobs"][i]
         torch.testing.assert_close(mixed[i], want, atol=1e-4, rtol=1e-4)
@@ -257,7 +273,7 @@ def test_rollout_weights_equal_learner_weights_after_a_step(group):
 
     w = group["workers"]
     _, _, _, batch = _fixed_batch(group)
-    w.train_step(batch)
+    w.train_step(1, batch)
     sync = w.sync(version=1)
     blob = w.export(w.dtype)
     digest = hashlib.sha256(blob).hexdigest()
@@ -289,7 +305,7 @@ def test_a_batch_of_the_wrong_size_is_refused_not_split_into_extra_optimizer_ste
     _, _, _, batch = _fixed_batch(group)
     half = split(batch, 2)[0]
     with pytest.raises(Exception, match="micro-batches, but the engine was built for"):
-        group["workers"].train_step(half)
+        group["workers"].train_step(1, half)
 
 
 def test_sequences_weighted_zero_do_not_train(group):
@@ -297,14 +313,14 @@ def test_sequences_weighted_zero_do_not_train(group):
     _, _, _, batch = _fixed_batch(group)
     n = batch["input_ids"].shape[0]
     batch["weight"] = torch.zeros(n)
-    zero = group["workers"].train_step(batch)
+    zero = group["workers"].train_step(1, batch)
     assert zero["loss"] > 0 and zero["grad_norm"] == 0, zero  # the loss is reported, not trained on
     batch["weight"] = torch.tensor([0.0] * (n - 1) + [1.0])
-    assert group["workers"].train_step(batch)["grad_norm"] > 0
+    assert group["workers"].train_step(1, batch)["grad_norm"] > 0
 
 
 def test_loss_decreases_on_a_fixed_batch(group):
     w = group["workers"]
     _, _, _, batch = _fixed_batch(group)
-    losses = [w.train_step(batch)["loss"] for _ in range(4)]
+    losses = [w.train_step(1, batch)["loss"] for _ in range(4)]
     assert losses[-1] < losses[0], losses

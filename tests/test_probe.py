@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from safesteer.core.generation import chat_texts
 from safesteer.core.probe import (
     HarmProbe,
     auroc,
@@ -13,7 +14,7 @@ from safesteer.core.probe import (
     last_token_states,
     mean_difference,
 )
-from safesteer.core.steering import SteeringVector, chat_texts, load_vector, save_vector
+from safesteer.core.steering import SteeringVector, load_vector, save_vector
 
 
 def test_auroc_and_balanced_threshold_on_separable_and_overlapping_scores() -> None:

@@ -2,7 +2,7 @@
 with its driver SIGKILLed and resumed, a rollout worker, a teacher or a learner rank SIGKILLed mid-step,
 and non-finite losses. Every run that finishes must end with exactly the weights of an uninterrupted run
 with the same seed: bitwise, since on CPU every kernel here is deterministic and every sample has its
-own seed. Faults are injected with ``SAFESTEER_FAULT`` (see :mod:`safesteer.driver`)."""
+own seed. Faults are injected with ``SAFESTEER_FAULT`` (see :mod:`safesteer.faults`)."""
 
 from __future__ import annotations
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from safesteer.core.generation import chat_texts
 from safesteer.core.scoring import teacher_logprobs
-from safesteer.core.steering import chat_texts, steering
+from safesteer.core.steering import steering
 
 IDS = torch.tensor([57, 339, 2, 100, 4000, 49151])
 

@@ -1,4 +1,5 @@
-"""Tests for safesteer.core.steering: the steering hook, ablation, vector files, candidates and selection.
+"""Tests for safesteer.core.steering (the steering hook, ablation, vector files, the teacher), and
+safesteer.core.search and safesteer.core.generation (candidates, selection, chat prompts, generation).
 
 Note on ``output_hidden_states`` in transformers 5: ``hidden_states[l]`` (1 <= l < L) is recorded as
 the *output* of block ``l-1`` by a forward hook, i.e. before any pre-hook of block ``l`` runs, so a
@@ -17,25 +18,27 @@ from pathlib import Path
 import pytest
 import torch
 
-from safesteer.core import steering as S
-from safesteer.core.steering import (
-    SAFETY_SYSTEM_PROMPT,
+from safesteer.core.generation import chat_texts, generate, post_instruction_tokens
+from safesteer.core.search import (
+    COMPLYING_PREFIXES,
+    REFUSING_PREFIXES,
     CandidateScore,
     SteeringTrial,
-    SteeringVector,
-    Teacher,
-    ablation,
     allowed_layers,
     best_trial,
-    chat_texts,
     contrastive_candidates,
     diff_in_means_candidates,
     last_logprobs,
-    load_vector,
-    post_instruction_tokens,
     reference_filter,
     refusal_score_from_logprobs,
     refusal_token_ids,
+)
+from safesteer.core.steering import (
+    SAFETY_SYSTEM_PROMPT,
+    SteeringVector,
+    Teacher,
+    ablation,
+    load_vector,
     save_vector,
     steering,
 )
@@ -368,10 +371,10 @@ def test_contrastive_candidates_shape_and_value(tiny) -> None:
     prompts = chat_texts(tok, HARMFUL)
     layer = 4
     refuse = [
-        _block_input_alone(model, tok, p + S.REFUSING_PREFIXES[i], layer)[-1] for i, p in enumerate(prompts)
+        _block_input_alone(model, tok, p + REFUSING_PREFIXES[i], layer)[-1] for i, p in enumerate(prompts)
     ]
     comply = [
-        _block_input_alone(model, tok, p + S.COMPLYING_PREFIXES[i], layer)[-1] for i, p in enumerate(prompts)
+        _block_input_alone(model, tok, p + COMPLYING_PREFIXES[i], layer)[-1] for i, p in enumerate(prompts)
     ]
     ref = torch.stack(refuse).mean(0) - torch.stack(comply).mean(0)
     torch.testing.assert_close(cand[layer, 0], ref, rtol=1e-4, atol=1e-4)
@@ -509,7 +512,7 @@ def test_anchor_teacher_is_the_original_model_or_the_vector_at_anchor_coeff(tiny
 # ------------------------------------------------------------------------------ the real model
 @pytest.mark.slow
 def test_contrastive_vector_raises_refusal_score_on_the_default_model(default_model_dir: Path) -> None:
-    from safesteer.core.steering import refusal_score
+    from safesteer.core.search import refusal_score
     from safesteer.data import load_prompts
     from safesteer.models import load_hf
 
@@ -582,7 +585,7 @@ def test_prompt_only_steering_in_generate_steers_the_prefill_not_the_decoding(ti
         with ctx:
             h = model.model.layers[layer].register_forward_pre_hook(record(store), with_kwargs=True)
             try:
-                S.generate(model, tok, texts, max_new_tokens=4)
+                generate(model, tok, texts, max_new_tokens=4)
             finally:
                 h.remove()
         if mode == "none":

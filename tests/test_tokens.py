@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from safesteer.core import tokens as T
-from safesteer.core.steering import SteeringVector, Teacher, chat_texts
-from safesteer.core.tokens import SafetyTokens, select_safety_tokens
+from safesteer.core.generation import chat_texts
+from safesteer.core.steering import SteeringVector, Teacher
+from safesteer.core.tokens import SafetyTokens, rank_tokens, select_safety_tokens
 from safesteer.errors import SafeSteerError
 
 PROMPTS = ["What is the capital of France?", "Tell me a short story about a cat.", "How do tides work?"]
@@ -363,6 +364,93 @@ def test_a_set_with_no_kept_token_is_an_error(tiny, teacher, monkeypatch) -> Non
         )
 
 
+# ------------------------------------------------------------------- ranking, on hand-made statistics
+# Six ids: 5 is banned (special), 4 has a mean steered probability below MIN_P, 0..3 compete.
+MIN_P = 1e-6
+DELTA_ROWS = torch.tensor(
+    [[0.0, 3.0, 2.0, 1.0, -1.0, 5.0], [0.0, 0.2, 2.5, 0.5, -2.0, 4.0]], dtype=torch.float64
+)  # mean Δ: [0, 1.6, 2.25, 0.75, -1.5, 4.5]
+MEAN_PS = torch.tensor([0.3, 0.05, 0.2, 0.4, 1e-8, 0.05], dtype=torch.float64)
+MEAN_PB = torch.tensor([0.5, 0.01, 0.05, 0.3, 0.1, 0.04], dtype=torch.float64)
+MEAN_KL = torch.tensor([0.0, 0.1, 0.45, 0.3, 0.9, 0.2], dtype=torch.float64)
+BANNED = torch.tensor([False, False, False, False, False, True])
+
+
+def _stats(rows: torch.Tensor, mean_ps, mean_pb, mean_kl) -> dict:
+    """What :func:`accumulate` returns for these valid rows of Δ and these per-token means."""
+    n = rows.shape[0]
+    return {
+        "delta": rows.sum(0),
+        "ps": mean_ps * n,
+        "pb": mean_pb * n,
+        "kl": mean_kl * n,
+        "n": n,
+        "deltas": [rows],
+    }
+
+
+@pytest.mark.parametrize(
+    ("method", "k", "want_ids", "want_scores"),
+    [
+        ("mean", 3, [2, 1, 3], [2.25, 1.6, 0.75]),  # by mean Δ; 4 and 5 banned though 5's Δ is the largest
+        ("kl", 3, [2, 3, 1], [0.45, 0.3, 0.1]),  # by mean p_steered·Δ; 4's 0.9 is banned by MIN_P
+        ("kl", 10, [2, 3, 1, 0], [0.45, 0.3, 0.1, 0.0]),  # never more than the unbanned ids
+    ],
+)
+def test_rank_mean_and_kl_on_hand_made_statistics(method, k, want_ids, want_scores) -> None:
+    acc = _stats(DELTA_ROWS, MEAN_PS, MEAN_PB, MEAN_KL)
+    ids, score = rank_tokens(method, acc, BANNED, k, min_steered_prob=MIN_P)
+    assert ids == want_ids
+    assert [score[v].item() for v in ids] == pytest.approx(want_scores)
+    assert score[4] == float("-inf") and score[5] == float("-inf")
+    assert not BANNED[4]  # the caller's mask is not modified
+
+
+@pytest.mark.parametrize(
+    ("vote_top", "k", "want_ids", "want_votes"),
+    [
+        # top-2 per row: row 0 votes 1, 2; row 1 votes 2, 3. 1 and 3 tie on votes: 1 has the larger mean Δ
+        (2, 3, [2, 1, 3], [2.0, 1.0, 1.0]),
+        (2, 2, [2, 1], [2.0, 1.0]),
+        # top-1: row 0 votes 1, row 1 votes 2; a tie broken by mean Δ; zero-vote ids are dropped, not padded
+        (1, 4, [2, 1], [1.0, 1.0]),
+    ],
+)
+def test_rank_vote_on_hand_made_statistics(vote_top, k, want_ids, want_votes) -> None:
+    acc = _stats(DELTA_ROWS, MEAN_PS, MEAN_PB, MEAN_KL)
+    ids, score = rank_tokens("vote", acc, BANNED, k, vote_top=vote_top, min_steered_prob=MIN_P)
+    assert ids == want_ids
+    assert [score[v].item() for v in ids] == want_votes
+    assert score[4] == 0.0 and score[5] == 0.0  # banned ids (row 0's top Δ is 5) get no votes
+
+
+@pytest.mark.parametrize(
+    ("weight", "want_ids", "want_scores"),
+    [
+        (0.0, [3, 1, 0], [0.6, 0.3, 0.1]),  # harmful p_steered·Δ alone
+        (2.0, [1, 3, 0], [0.28, 0.0, -0.9]),  # minus 2 x benign p_base: 3 is common on benign prompts
+    ],
+)
+def test_rank_contrast_on_hand_made_statistics(weight, want_ids, want_scores) -> None:
+    acc = _stats(DELTA_ROWS, MEAN_PS, MEAN_PB, MEAN_KL)
+    # on the harmful prompts: 2 is too rare under the steered model, 4 is too rare on the benign ones
+    harmful_ps = torch.tensor([0.2, 0.3, 1e-9, 0.3, 0.3, 0.3], dtype=torch.float64)
+    harmful_kl = torch.tensor([0.1, 0.3, 0.2, 0.6, 0.9, 1.0], dtype=torch.float64)
+    harmful = _stats(DELTA_ROWS[:1], harmful_ps, MEAN_PB, harmful_kl)
+    ids, score = rank_tokens(
+        "contrast", acc, BANNED, 5, min_steered_prob=MIN_P, harmful=harmful, contrast_weight=weight
+    )
+    assert ids == want_ids
+    assert [score[v].item() for v in ids] == pytest.approx(want_scores)
+
+
+@pytest.mark.parametrize("method", ["vote", "mean", "kl"])
+def test_rank_with_everything_banned_is_an_error(method) -> None:
+    acc = _stats(DELTA_ROWS, MEAN_PS, MEAN_PB, MEAN_KL)
+    with pytest.raises(SafeSteerError, match=f"\\({method}\\) kept no token"):
+        rank_tokens(method, acc, torch.ones(6, dtype=torch.bool), 3, min_steered_prob=MIN_P)
+
+
 # ------------------------------------------------------------------------------------- contrast
 def test_contrast_ranks_by_harmful_kl_minus_benign_use(tiny, teacher) -> None:
     """contrast = mean p_steered·Δ on the harmful prompts - w · mean p_base on the harmless ones,
@@ -388,3 +476,18 @@ def test_contrast_ranks_by_harmful_kl_minus_benign_use(tiny, teacher) -> None:
     assert st.method == "contrast" and st.meta["contrast_weight"] == 2.0
     with pytest.raises(SafeSteerError, match="needs harmful prompts"):
         select_safety_tokens(model, tok, teacher, harmless, method="contrast", **kw)
+
+
+def test_the_content_hash_names_the_ids_their_strings_and_their_order():
+    from safesteer.core.tokens import SafetyTokens
+
+    def st(ids, strings):
+        return SafetyTokens(
+            ids, strings, [0.0] * len(ids), [0.0] * len(ids), [0.0] * len(ids), "kl", 0.1, 0.2
+        )
+
+    a = st([5, 7, 9], ["I", " sorry", " cannot"])
+    assert a.content_hash() == st([5, 7, 9], ["I", " sorry", " cannot"]).content_hash()
+    assert a.content_hash() != st([7, 5, 9], [" sorry", "I", " cannot"]).content_hash()  # K order
+    assert a.content_hash() != st([5, 7, 9], ["I", " sorry", " can"]).content_hash()
+    assert a.content_hash() != st([5, 7, 8], ["I", " sorry", " cannot"]).content_hash()

@@ -19,16 +19,9 @@ from safesteer.paths import atomic_write_json
 
 def compose(overrides: list[str], check: bool = True):
     """The run config for ``overrides`` (as ``python -m safesteer.run`` would see it), validated."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from safesteer import config
 
-    from safesteer.config import CONF_DIR, validate
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    if check:
-        validate(cfg)
-    return cfg
+    return config.compose(overrides, check=check)
 
 
 def largest_divisor_at_most(n: int, cap: int) -> int:

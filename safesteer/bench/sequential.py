@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM
 
     from safesteer.core.batch import collate, split, to_sequence_positions, trim
+    from safesteer.core.generation import stop_token_ids
     from safesteer.core.loss import localized_reverse_kl_terms, sequence_mean
     from safesteer.core.scoring import right_padded_positions
-    from safesteer.core.steering import Teacher, load_vector, stop_token_ids
+    from safesteer.core.steering import Teacher, load_vector
     from safesteer.core.tokens import SafetyTokens
     from safesteer.driver import schedule
     from safesteer.learner import cosine_with_warmup
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             comps,
             output,
             ids,
-            ln.topk,
+            cfg.teacher.topk,
             cfg.teacher.chunk_size,
             cfg.teacher.batch_size,
         )

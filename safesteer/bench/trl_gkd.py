@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from torch.utils.data import SequentialSampler
     from transformers import AutoModelForCausalLM, TrainerCallback
 
-    from safesteer.core.steering import Teacher, chat_texts, load_vector
+    from safesteer.core.generation import chat_texts
+    from safesteer.core.steering import Teacher, load_vector
     from safesteer.driver import schedule
     from safesteer.learner import cosine_with_warmup
     from safesteer.models import load_hf, use_bf16

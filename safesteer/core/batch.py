@@ -82,3 +82,50 @@ def trim(batch: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def interleave(shards: Sequence[Sequence], n: int | None = None) -> list:
+    """Inverse of dealing items round-robin over ``len(shards)`` workers (item ``i`` to worker
+    ``i % W``): the items back in their original order."""
+    W = len(shards)
+    out = [None] * (n if n is not None else sum(len(s) for s in shards))
+    for w, shard in enumerate(shards):
+        out[w::W] = shard
+    return out
+
+
+def merge_teacher_shards(shards: Sequence[dict], batch_size: int) -> dict:
+    """The teachers' outputs (each a dict of (B_w, C_w, ...) tensors, sequences dealt round-robin)
+    as one (B, C, ...) dict in batch order, zero-padded to the longest completion."""
+    merged = {}
+    W = len(shards)
+    for key, first in shards[0].items():
+        C = max(s[key].shape[1] for s in shards)
+        full = torch.zeros((batch_size, C, *first.shape[2:]), dtype=first.dtype)
+        for w, s in enumerate(shards):
+            full[w::W, : s[key].shape[1]] = s[key]
+        merged[key] = full
+    return merged
+
+
+def assemble(
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    steered: Sequence[bool],
+    teacher: dict,
+    pad_id: int,
+    anchor_weight: float,
+) -> dict:
+    """One training batch: the packed sequences (:func:`collate`), the teacher's completion-aligned
+    outputs moved to sequence positions, and per-sequence ``anchor`` flags and loss ``weight``
+    (training prompts, which the teacher steered, weigh 1; harmless anchors ``anchor_weight``)."""
+    batch = collate(prompt_ids, completion_ids, pad_id)
+    batch["anchor"] = torch.tensor([0.0 if s else 1.0 for s in steered])
+    batch["weight"] = torch.tensor([1.0 if s else anchor_weight for s in steered])
+    L = batch["input_ids"].shape[1]
+    for key, name in (("logprobs", "teacher_logprobs"), ("ids", "teacher_ids")):
+        if key in teacher:
+            batch[name] = to_sequence_positions(
+                teacher[key], batch["prompt_lens"], batch["completion_lens"], L
+            )
+    return batch

@@ -23,6 +23,7 @@ localized loss vanish, so such a set is refused with a clear message.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from safesteer.core.steering import Teacher, chat_texts, generate, stop_token_ids
+from safesteer.core.generation import chat_texts, generate, stop_token_ids
+from safesteer.core.steering import Teacher
 from safesteer.errors import SafeSteerError
 
 TOKEN_METHODS = ("vote", "mean", "kl", "contrast")
@@ -49,6 +51,12 @@ class SafetyTokens:
     student_mass: float  # mean over valid positions of the unsteered model's mass on the set
     steered_mass: float  # the same for the steered model
     meta: dict = field(default_factory=dict)
+
+    def content_hash(self) -> str:
+        """sha256 of the ids and their strings, in order: the K order the teacher's log-probs and the
+        learners' loss index by. The driver, the teachers and the learners must agree on it."""
+        blob = json.dumps({"ids": list(self.ids), "strings": list(self.strings)}, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
         from safesteer.paths import atomic_write_json
@@ -207,6 +215,93 @@ def accumulate(
     }
 
 
+def rank_tokens(
+    method: str,
+    acc: dict,
+    banned: torch.Tensor,
+    k: int,
+    vote_top: int = 200,
+    min_steered_prob: float = 1e-6,
+    harmful: dict | None = None,
+    contrast_weight: float = 1.0,
+) -> tuple[list[int], torch.Tensor]:
+    """Rank the vocabulary by ``method`` (see the module docstring) from :func:`accumulate`'s
+    statistics; pure. ``banned`` (V,) bool marks ids that may never be chosen; ids whose mean steered
+    probability is below ``min_steered_prob`` are banned too. ``harmful`` is the accumulation on the
+    harmful prompts (``method="contrast"`` only). Returns the chosen ids, best first (at most ``k``),
+    and the (V,) score they were ranked by."""
+    V, n_valid = acc["ps"].shape[0], acc["n"]
+    mean_ps, mean_pb = acc["ps"] / n_valid, acc["pb"] / n_valid
+    banned = banned | (mean_ps < min_steered_prob)
+    if method == "vote":
+        votes = torch.zeros(V, dtype=torch.float64)
+        top = min(vote_top, V)
+        for d in acc["deltas"]:
+            d = d.masked_fill(banned, float("-inf"))
+            idx = d.topk(top, dim=-1).indices.flatten()
+            votes += torch.bincount(idx, minlength=V).double()
+        score = votes.masked_fill(banned, 0.0)
+        mean_delta = acc["delta"] / n_valid
+        order = sorted(range(V), key=lambda v: (-score[v].item(), -mean_delta[v].item()))[: k * 2]
+        chosen = [v for v in order if score[v] > 0][:k]
+    elif method == "contrast":
+        # what steering adds on harmful prompts, minus what the original model uses on benign ones
+        score = harmful["kl"] / harmful["n"] - contrast_weight * mean_pb
+        banned = banned | (harmful["ps"] / harmful["n"] < min_steered_prob)
+        score = score.masked_fill(banned, float("-inf"))
+        chosen = [v for v in score.topk(min(k, V)).indices.tolist() if torch.isfinite(score[v])]
+    elif method in ("mean", "kl"):
+        score = (acc["delta"] if method == "mean" else acc["kl"]) / n_valid
+        score = score.masked_fill(banned, float("-inf"))
+        chosen = [v for v in score.topk(min(k, V)).indices.tolist() if torch.isfinite(score[v])]
+    else:
+        raise SafeSteerError(f"tokens.method={method}: choose one of {', '.join(TOKEN_METHODS)}")
+    if not chosen:
+        raise SafeSteerError(
+            f"safety-token selection ({method}) kept no token; lower tokens.min_steered_prob"
+        )
+    return chosen, score
+
+
+def package_tokens(
+    tok,
+    method: str,
+    chosen: list[int],
+    score: torch.Tensor,
+    acc: dict,
+    settings: dict,
+    n_prompts: int,
+    n_harmful_prompts: int = 0,
+    contrast_weight: float = 1.0,
+) -> SafetyTokens:
+    """The :class:`SafetyTokens` of ``chosen`` (from :func:`rank_tokens`): strings, scores, mean
+    base/steered probabilities and masses from :func:`accumulate`'s ``acc``; as meta, the selection
+    ``settings``, the prompt counts and the number of valid positions."""
+    n_valid = acc["n"]
+    mean_ps, mean_pb = acc["ps"] / n_valid, acc["pb"] / n_valid
+    ids = torch.tensor(chosen)
+    return SafetyTokens(
+        ids=chosen,
+        strings=[tok.decode([v]) for v in chosen],
+        scores=[float(score[v]) for v in chosen],
+        p_base=[float(mean_pb[v]) for v in chosen],
+        p_steered=[float(mean_ps[v]) for v in chosen],
+        method=method,
+        student_mass=float(mean_pb[ids].sum()),
+        steered_mass=float(mean_ps[ids].sum()),
+        meta=dict(
+            **settings,
+            n_prompts=n_prompts,
+            n_valid_positions=n_valid,
+            **(
+                {"n_harmful_prompts": n_harmful_prompts, "contrast_weight": contrast_weight}
+                if method == "contrast"
+                else {}
+            ),
+        ),
+    )
+
+
 def select_safety_tokens(
     model,
     tok,
@@ -226,7 +321,8 @@ def select_safety_tokens(
     harmful: Sequence[str] = (),
     contrast_weight: float = 1.0,
 ) -> SafetyTokens:
-    """Select the global safety-token set (see the module docstring). ``batch_size`` counts prompts.
+    """Select the global safety-token set (see the module docstring): :func:`accumulate`, then
+    :func:`rank_tokens`, then :func:`package_tokens`. ``batch_size`` counts prompts.
     ``harmful`` (prompts) and ``contrast_weight`` are used by ``method="contrast"``."""
     if method not in TOKEN_METHODS:
         raise SafeSteerError(f"tokens.method={method}: choose one of {', '.join(TOKEN_METHODS)}")
@@ -234,81 +330,29 @@ def select_safety_tokens(
         raise SafeSteerError("tokens.horizon, tokens.k and tokens.samples_per_prompt must be >= 1")
     if method == "contrast" and not harmful:
         raise SafeSteerError("tokens.method=contrast needs harmful prompts (tokens.harmful)")
-    kw = dict(
-        samples_per_prompt=samples_per_prompt,
-        horizon=horizon,
-        temperature=temperature,
-        top_p=top_p,
-        batch_size=batch_size,
+    sampling = dict(
+        samples_per_prompt=samples_per_prompt, horizon=horizon, temperature=temperature, top_p=top_p
     )
-    acc = accumulate(model, tok, teacher, instructions, keep_deltas=method == "vote", progress=progress, **kw)
-    sum_delta, sum_ps, sum_pb, sum_kl, n_valid, deltas = (
-        acc[k] for k in ("delta", "ps", "pb", "kl", "n", "deltas")
-    )
-    V = sum_ps.shape[0]
-    if n_valid == 0:
+    kw = dict(batch_size=batch_size, progress=progress, **sampling)
+    acc = accumulate(model, tok, teacher, instructions, keep_deltas=method == "vote", **kw)
+    if acc["n"] == 0:
         raise SafeSteerError("safety-token selection found no valid positions (every sample ended at once)")
-    mean_ps, mean_pb = sum_ps / n_valid, sum_pb / n_valid
-    banned = banned_ids(tok, V) | (mean_ps < min_steered_prob)
-    if method == "vote":
-        votes = torch.zeros(V, dtype=torch.float64)
-        top = min(vote_top, V)
-        for d in deltas:
-            d = d.masked_fill(banned, float("-inf"))
-            idx = d.topk(top, dim=-1).indices.flatten()
-            votes += torch.bincount(idx, minlength=V).double()
-        score = votes.masked_fill(banned, 0.0)
-        order = sorted(range(V), key=lambda v: (-score[v].item(), -(sum_delta[v] / n_valid).item()))[: k * 2]
-        chosen = [v for v in order if score[v] > 0][:k]
-    elif method == "contrast":
-        hacc = accumulate(model, tok, teacher, harmful, progress=progress, **kw)
-        if hacc["n"] == 0:
+    harmful_acc = None
+    if method == "contrast":
+        harmful_acc = accumulate(model, tok, teacher, harmful, **kw)
+        if harmful_acc["n"] == 0:
             raise SafeSteerError("safety-token selection found no valid position on the harmful prompts")
-        # what steering adds on harmful prompts, minus what the original model uses on benign ones
-        score = hacc["kl"] / hacc["n"] - contrast_weight * mean_pb
-        banned |= hacc["ps"] / hacc["n"] < min_steered_prob
-        score = score.masked_fill(banned, float("-inf"))
-        chosen = [v for v in score.topk(min(k, V)).indices.tolist() if torch.isfinite(score[v])]
-    else:
-        score = (sum_delta if method == "mean" else sum_kl) / n_valid
-        score = score.masked_fill(banned, float("-inf"))
-        chosen = [v for v in score.topk(min(k, V)).indices.tolist() if torch.isfinite(score[v])]
-    if not chosen:
-        raise SafeSteerError(
-            f"safety-token selection ({method}) kept no token; lower tokens.min_steered_prob"
-        )
-    ids = torch.tensor(chosen)
-    student_mass = float(mean_pb[ids].sum())
-    steered_mass = float(mean_ps[ids].sum())
-    st = SafetyTokens(
-        ids=chosen,
-        strings=[tok.decode([v]) for v in chosen],
-        scores=[float(score[v]) for v in chosen],
-        p_base=[float(mean_pb[v]) for v in chosen],
-        p_steered=[float(mean_ps[v]) for v in chosen],
-        method=method,
-        student_mass=student_mass,
-        steered_mass=steered_mass,
-        meta=dict(
-            k=k,
-            samples_per_prompt=samples_per_prompt,
-            horizon=horizon,
-            temperature=temperature,
-            top_p=top_p,
-            vote_top=vote_top,
-            min_steered_prob=min_steered_prob,
-            n_prompts=len(instructions),
-            n_valid_positions=n_valid,
-            **(
-                {"n_harmful_prompts": len(harmful), "contrast_weight": contrast_weight}
-                if method == "contrast"
-                else {}
-            ),
-        ),
+    banned = banned_ids(tok, acc["ps"].shape[0])
+    chosen, score = rank_tokens(
+        method, acc, banned, k, vote_top, min_steered_prob, harmful_acc, contrast_weight
     )
-    if student_mass < min_student_mass:
+    settings = dict(k=k, **sampling, vote_top=vote_top, min_steered_prob=min_steered_prob)
+    st = package_tokens(
+        tok, method, chosen, score, acc, settings, len(instructions), len(harmful), contrast_weight
+    )
+    if st.student_mass < min_student_mass:
         raise SafeSteerError(
-            f"the {method} safety-token set carries only {student_mass:.2e} of the student's probability mass "
+            f"the {method} safety-token set carries only {st.student_mass:.2e} of the student's probability mass "
             f"(< tokens.min_student_mass={min_student_mass:g}): the localized loss would be ~0 and nothing would "
             f"train; use tokens.method=kl or set tokens.min_student_mass=0 to proceed anyway"
         )

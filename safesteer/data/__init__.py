@@ -51,7 +51,23 @@ __all__ = [
     "normalize_instruction",
 ]
 
+
 from safesteer.errors import SafeSteerError
+from safesteer.schema import option
+
+
+@dataclass
+class DataConfig:
+    """``data``: the prompt sets of a run (conf/data); each a bundled name, a path, or a list of them."""
+
+    train: Any = option()
+    train_limit: int | None = option(ge=1)
+    direction_harmful: Any = option()
+    direction_harmless: Any = option()
+    val_harmful: Any = option()
+    val_harmless: Any = option()
+    anchor: Any = option()
+
 
 BUNDLED_DIR = pathlib.Path(__file__).resolve().parent / "bundled"
 

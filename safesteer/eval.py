@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from safesteer.core import judge
 from safesteer.core.generation import chat_texts
@@ -251,7 +252,7 @@ def mmlu_letter_accuracy(model, tok, items: Sequence, batch_size: int = 16) -> f
     letter_ids = [tok(" " + letter, add_special_tokens=False)["input_ids"][-1] for letter in LETTERS]
     correct = 0
     tok.padding_side = "left"
-    for s in range(0, len(items), batch_size):
+    for s in tqdm(range(0, len(items), batch_size), desc="MMLU (letter)", unit="batch", leave=False):
         chunk = items[s : s + batch_size]
         enc = tok(
             [mmlu_prompt(it) for it in chunk], return_tensors="pt", padding=True, add_special_tokens=False
@@ -341,7 +342,7 @@ def mmlu_cloze_accuracy(model, tok, items: Sequence) -> float:
     """Zero-shot cloze accuracy: the choice whose text is most likely after ``Question: ...\nAnswer:``,
     its log-likelihood divided by its length in bytes (lm-eval's ``acc_norm``)."""
     correct = 0
-    for it in items:
+    for it in tqdm(items, desc="MMLU (cloze)", unit="question", leave=False):
         conts = [" " + str(c).strip() for c in it.extra["choices"]]
         lps = choice_logprobs(model, tok, f"Question: {it.instruction.strip()}\nAnswer:", conts)
         scores = [lp / max(len(c.encode()), 1) for lp, c in zip(lps, conts)]
@@ -391,7 +392,7 @@ def kl_and_perplexity(
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, prompts)]
     keep = [i for i, a in enumerate(answers) if a]
     kl_sum, nll_b, nll_t, n = 0.0, 0.0, 0.0, 0
-    for s in range(0, len(keep), batch_size):
+    for s in tqdm(range(0, len(keep), batch_size), desc="KL and perplexity", unit="batch", leave=False):
         rows = keep[s : s + batch_size]
         b = collate([prompt_ids[i] for i in rows], [answers[i] for i in rows], tok.pad_token_id)
         sel = b["completion_mask"].bool()  # (B, L-1): positions that predict an answer token

@@ -8,7 +8,9 @@ safety tokens of a finished run (``--run``), it exercises the code the actors ru
 2. the HF steered teacher (:class:`safesteer.teacher.TeacherWorker`) scores them in bf16, training
    prompts steered and anchors not;
 3. one DeepSpeed ZeRO-2 learner rank (:class:`safesteer.learner.LearnerWorker`, NCCL on CUDA) takes
-   optimizer steps of the localized loss under bf16 autocast;
+   optimizer steps of the localized loss under bf16 autocast; the same steps in plain PyTorch on the
+   same batch give the rank's throughput as a fraction of the hardware's (``learner_vs_plain``), and
+   ``--profile FILE`` writes torch.profiler tables of both;
 4. the learner's weight export is read back into a state dict and checked against the model.
 
 Each stage prints one JSON line with its tokens/s and peak memory; the last line is the verdict. Exit 0
@@ -95,6 +97,69 @@ def compose(overrides: list[str]):
         raise SafeSteerError(f"invalid override: {one_line(e)}") from e
 
 
+def _rate(steps: list[dict]) -> float:
+    """Tokens/s over the steps after the first (the first pays for allocation and warm-up)."""
+    keep = steps[1:] or steps
+    return sum(s["tokens"] for s in keep) / sum(s["seconds"] for s in keep)
+
+
+def plain_steps(path: str, lcfg, batch: dict, safety, n_steps: int, device: str, seed: int) -> list[dict]:
+    """``n_steps`` optimizer steps of the learner's loss on ``batch`` in plain PyTorch: the same model
+    dtype, autocast, micro-batches, AdamW, clipping and loss, without DeepSpeed."""
+    from transformers import AutoModelForCausalLM
+
+    from safesteer.core.batch import split
+    from safesteer.learner import micro_batch_loss
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    model.config.use_cache = False
+    model.train()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=lcfg.lr, betas=tuple(lcfg.betas), weight_decay=lcfg.weight_decay
+    )
+    ids = torch.tensor(safety.ids, device=device)
+    n_micro = batch["input_ids"].shape[0] // lcfg.micro_batch_size
+    out = []
+    for _ in range(n_steps):
+        t, total = time.perf_counter(), 0.0
+        opt.zero_grad(set_to_none=True)
+        for mb in split(batch, n_micro):
+            loss, stats = micro_batch_loss(model, mb, ids, lcfg.loss, lcfg.renormalize, lcfg.bf16, device)
+            (loss / n_micro).backward()
+            total += stats["loss_sum"]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), lcfg.grad_clip)
+        opt.step()
+        _sync(device)
+        tokens = int(batch["completion_mask"].sum().item())
+        out.append(
+            {
+                "loss": total / batch["input_ids"].shape[0],
+                "tokens": tokens,
+                "seconds": time.perf_counter() - t,
+            }
+        )
+    return out
+
+
+def write_profile(where: str, learner, path: str, lcfg, batch: dict, safety, device: str, seed: int) -> None:
+    """torch.profiler tables (top operators by self time) of one learner step and one plain step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    parts = []
+    for name, fn in (
+        ("learner step (DeepSpeed ZeRO-2, one rank)", lambda: learner.train_step(batch)),
+        ("plain PyTorch step", lambda: plain_steps(path, lcfg, batch, safety, 1, device, seed)),
+    ):
+        with profile(activities=activities) as prof:
+            fn()
+        parts.append(f"## {name}\n\n{prof.key_averages().table(sort_by=sort, row_limit=20)}\n")
+    Path(where).write_text("\n".join(parts), encoding="utf-8")
+    print(f"profile: {where}", file=sys.stderr)
+
+
 def check(args) -> dict:
     from safetensors.torch import load as load_safetensors
 
@@ -178,6 +243,15 @@ def check(args) -> dict:
                             tokens_per_s=round(out["tokens"] / out["seconds"], 1),
                             **_peak_gb(device)))  # fmt: skip
 
+    # 3b. the same steps in plain PyTorch (one process, no DeepSpeed): what the learner rank should reach
+    plain = plain_steps(path, lcfg, batch, safety, args.steps, device, cfg.seed)
+    for i, out in enumerate(plain):
+        rows.append(_report("plain_step", step=i + 1, loss=float(f"{out['loss']:.4g}"), tokens=out["tokens"],
+                            seconds=round(out["seconds"], 3), tokens_per_s=round(out["tokens"] / out["seconds"], 1)))  # fmt: skip
+    rows.append(_report("learner_vs_plain", ratio=round(_rate(steps) / _rate(plain), 3)))
+    if args.profile:
+        write_profile(args.profile, learner, path, lcfg, batch, safety, device, cfg.seed)
+
     # 4. the weight export, read back into a state dict
     t = time.perf_counter()
     blob = learner.export_weights("bfloat16")
@@ -214,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3, help="learner optimizer steps")
     ap.add_argument("--bf16", action="store_true", help="bf16 on CPU too (always on CUDA)")
+    ap.add_argument(
+        "--profile", metavar="FILE", help="write torch.profiler tables of a learner step and a plain step"
+    )
     ap.add_argument("overrides", nargs="*", help="Hydra overrides of the run's config (key=value)")
     args = ap.parse_args(argv)
     if args.prompts < 2 or args.prompts % 2 or args.prompts % args.micro_batch_size:

@@ -110,6 +110,38 @@ def deepspeed_config(cfg: LearnerConfig, sequences_per_step: int) -> dict:
     }
 
 
+def micro_batch_loss(
+    model, mb: dict, ids: torch.Tensor | None, mode: str, renormalize: bool, bf16: bool, device: str
+) -> tuple[torch.Tensor, dict]:
+    """The localized reverse KL of one micro-batch (``model`` is the DeepSpeed engine or a plain
+    module) and its statistics: the loss sums, the anchors' part, the student's safety-token mass."""
+    mb = {k: v.to(device) for k, v in trim(mb).items()}
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(
+            input_ids=mb["input_ids"],
+            attention_mask=mb["attention_mask"],
+            position_ids=right_padded_positions(mb["attention_mask"]),
+        ).logits[:, :-1]
+    terms = localized_reverse_kl_terms(
+        logits,
+        mb["teacher_logprobs"],
+        mb.get("teacher_ids", ids),
+        mode,
+        renormalize,
+        target_ids=mb["input_ids"][:, 1:],
+    )
+    per_seq = sequence_mean(terms, mb["completion_mask"])
+    stats = {"loss_sum": per_seq.sum().item(), "sequences": per_seq.numel()}
+    if "anchor" in mb:
+        stats["anchor_loss_sum"] = (per_seq.detach() * mb["anchor"]).sum().item()
+        stats["anchor_sequences"] = int(mb["anchor"].sum().item())
+    if ids is not None:
+        stats["mass_sum"] = safety_mass(logits, ids, mb["completion_mask"]).item() * per_seq.numel()
+    # Anchor sequences weigh trainer.anchor_weight in the loss (training sequences 1).
+    loss = (per_seq * mb["weight"]).mean() if "weight" in mb else per_seq.mean()
+    return loss, stats
+
+
 class LearnerWorker:
     """One DeepSpeed rank (wrapped by ``ray.remote`` in :mod:`safesteer.actors`)."""
 
@@ -174,33 +206,9 @@ class LearnerWorker:
         return self.tokens.content_hash() if self.tokens is not None else None
 
     def _micro_loss(self, mb: dict) -> tuple[torch.Tensor, dict]:
-        mb = {k: v.to(self.device) for k, v in trim(mb).items()}
-        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.engine(
-                input_ids=mb["input_ids"],
-                attention_mask=mb["attention_mask"],
-                position_ids=right_padded_positions(mb["attention_mask"]),
-            ).logits[:, :-1]
-        mode = self.cfg.loss
-        ids = mb.get("teacher_ids", self.ids)
-        terms = localized_reverse_kl_terms(
-            logits,
-            mb["teacher_logprobs"],
-            ids,
-            mode,
-            self.cfg.renormalize,
-            target_ids=mb["input_ids"][:, 1:],
+        return micro_batch_loss(
+            self.engine, mb, self.ids, self.cfg.loss, self.cfg.renormalize, self.bf16, self.device
         )
-        per_seq = sequence_mean(terms, mb["completion_mask"])
-        stats = {"loss_sum": per_seq.sum().item(), "sequences": per_seq.numel()}
-        if "anchor" in mb:
-            stats["anchor_loss_sum"] = (per_seq.detach() * mb["anchor"]).sum().item()
-            stats["anchor_sequences"] = int(mb["anchor"].sum().item())
-        if self.ids is not None:
-            stats["mass_sum"] = safety_mass(logits, self.ids, mb["completion_mask"]).item() * per_seq.numel()
-        # Anchor sequences weigh trainer.anchor_weight in the loss (training sequences 1).
-        loss = (per_seq * mb["weight"]).mean() if "weight" in mb else per_seq.mean()
-        return loss, stats
 
     def train_step(self, shard: dict, poison: bool = False) -> dict:
         """One optimizer step over this rank's shard (split into micro-batches).

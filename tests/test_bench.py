@@ -14,7 +14,7 @@ import pytest
 
 from safesteer.bench.common import largest_divisor_at_most, measured
 from safesteer.bench.procmon import classify, run_monitored
-from safesteer.bench.runner import override, summarize
+from safesteer.bench.runner import COLORS, LABELS, MODULES, SYSTEMS, TARGETS, override, parse_args, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_TRL = importlib.util.find_spec("trl") is not None
@@ -81,6 +81,31 @@ def test_summary_takes_medians_and_ratios_of_medians():
     assert t["sync_fraction"]["met"] is True and t["overhead_fraction"]["met"] is False
 
 
+def test_trl_distill_is_a_system_with_its_ratio_and_bar():
+    assert "trl_distill" in SYSTEMS and "trl_distill" in parse_args([]).systems
+    assert parse_args(["--systems=trl,trl_distill"]).systems == ["trl", "trl_distill"]
+    for name in SYSTEMS:
+        assert name in LABELS and name in COLORS
+        assert name == "pipeline" or importlib.util.find_spec(MODULES[name]) is not None
+    assert TARGETS["pipeline/trl_distill"] == (">=", 1.2)
+    runs = {
+        "pipeline": [_run("pipeline", 0, 30.0, stage_fraction={"sync": 0.01, "idle": 0.01})],
+        "trl": [_run("trl", 0, 10.0)],
+        "trl_distill": [_run("trl_distill", i, t) for i, t in enumerate((20.0, 30.0, 24.0))],
+    }
+    s = summarize(runs, {"measured_steps": 1})
+    assert s["systems"]["trl_distill"]["tokens_per_s"] == 24.0
+    assert s["ratios"] == {"pipeline/trl": 3.0, "pipeline/trl_distill": 1.25}
+    t = s["targets"]["pipeline/trl_distill"]
+    assert t == {"bar": ">= 1.2", "value": 1.25, "met": True}
+    runs["trl_distill"] = [_run("trl_distill", 0, 26.0)]
+    assert summarize(runs, {"measured_steps": 1})["targets"]["pipeline/trl_distill"]["met"] is False
+    # no trl_distill run: no ratio, and the bar is unmeasured
+    del runs["trl_distill"]
+    s = summarize(runs, {"measured_steps": 1})
+    assert "pipeline/trl_distill" not in s["ratios"] and s["targets"]["pipeline/trl_distill"]["met"] is None
+
+
 def test_memory_of_a_process_tree_is_sampled_per_process(tmp_path):
     # a parent holding ~150 MiB starts a child holding ~250 MiB; both peaks must be seen
     script = textwrap.dedent(
@@ -107,7 +132,7 @@ def test_memory_of_a_process_tree_is_sampled_per_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_bench_end_to_end_on_the_tiny_model(tmp_path):
-    systems = ["pipeline", "sequential"] + (["trl"] if HAS_TRL else [])
+    systems = ["pipeline", "sequential"] + (["trl", "trl_distill"] if HAS_TRL else [])
     prompts, samples, new_tokens, steps = 4, 2, 8, 1
     out = tmp_path / "bench"
     cmd = [
@@ -163,6 +188,19 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path):
     assert set(doc["targets"]) == {
         "pipeline/sequential",
         "pipeline/trl",
+        "pipeline/trl_distill",
         "sync_fraction",
         "overhead_fraction",
     }
+    trainers = {
+        "trl": "trl.experimental.gkd.gkd_trainer.GKDTrainer",
+        "trl_distill": "trl.trainer.distillation_trainer.DistillationTrainer",
+    }
+    for name in systems[2:]:  # the TRL baselines ran TRL's own trainer and timed its generation
+        (run,) = doc["runs"][name]
+        assert run["trainer"] == trainers[name]
+        assert run["sequences_per_micro_batch"] == w["single_process_micro_batch"]
+        assert run["threads"] == 1  # --threads, kept through TRL's (and its vLLM engine's) set-up
+        for step in run["steps"]:
+            assert step["tokens"] >= prompts * samples and step["generate_s"] > 0, (name, step)
+            assert step["train_s"] > 0, (name, step)

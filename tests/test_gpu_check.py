@@ -30,19 +30,31 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
-def test_gpu_check_runs_every_stage_and_passes(run_dir):
-    p = gpu_check("--run", str(run_dir), "--prompts", "8", "--max-new-tokens", "8", "--micro-batch-size", "2")
+def test_gpu_check_runs_every_stage_and_passes(run_dir, tmp_path):
+    profile = tmp_path / "profile.txt"
+    p = gpu_check(
+        "--run", str(run_dir), "--prompts", "8", "--max-new-tokens", "8", "--micro-batch-size", "2",
+        "--profile", str(profile),
+    )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     stages = [r["stage"] for r in rows]
-    steps = ["learner_step"] * 3
-    assert stages == ["setup", "generate", "teacher", "learner_init", *steps, "export", "verdict"]
+    steps, plain = ["learner_step"] * 3, ["plain_step"] * 3
+    assert stages == [
+        "setup", "generate", "teacher", "learner_init", *steps, *plain, "learner_vs_plain", "export", "verdict",
+    ]  # fmt: skip
     by = {r["stage"]: r for r in rows}
     assert by["verdict"]["ok"] and by["verdict"]["failures"] == []
     assert by["learner_init"]["backend"] == "gloo"
     assert [r["step"] for r in rows if r["stage"] == "learner_step"] == [1, 2, 3]
     assert by["teacher"]["finite"] and by["teacher"]["tokens_per_s"] > 0
     assert by["export"]["changed"] > 0 and by["export"]["tensors"] > 0
+    # the plain PyTorch comparison computes the same loss on the same batch from the same weights
+    first = {r["stage"]: r["loss"] for r in rows if r.get("step") == 1}
+    assert first["plain_step"] == pytest.approx(first["learner_step"], rel=1e-3), first
+    assert by["learner_vs_plain"]["ratio"] > 0
+    text = profile.read_text()
+    assert "## learner step" in text and "## plain PyTorch step" in text and "aten::" in text
 
 
 def test_gpu_check_refuses_a_directory_without_a_run(tmp_path):

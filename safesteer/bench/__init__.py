@@ -10,6 +10,8 @@ its own process so that peak memory per process is measurable:
   HF ``generate``, the steered teacher forward, the localized loss, AdamW.
 - ``trl``: TRL's ``GKDTrainer`` with ``lmbda=1`` and ``beta=1`` (on-policy, reverse KL) and the steered
   teacher (:mod:`safesteer.bench.trl_gkd`).
+- ``trl_distill``: TRL's ``DistillationTrainer`` (on-policy, ``beta=1``: reverse KL), generating with
+  its colocated vLLM engine, and the same steered teacher (:mod:`safesteer.bench.trl_distill`).
 
 Every system runs a warm-up step and then the measured steps on the same prompts, samples and lengths
 (training prompts only: ``trainer.anchors_per_step=0``, as the baselines have no anchor prompts);

@@ -32,14 +32,19 @@ from safesteer.paths import atomic_write_bytes, atomic_write_json
 log = logging.getLogger("safesteer.bench")
 
 REPO = Path(__file__).resolve().parent.parent.parent
-SYSTEMS = ("pipeline", "sequential", "trl")
+SYSTEMS = ("pipeline", "sequential", "trl", "trl_distill")
 LABELS = {
     "pipeline": "SafeSteer pipeline (Ray + vLLM + DeepSpeed)",
     "sequential": "single process, sequential (HF generate)",
     "trl": "TRL GKDTrainer (lmbda=1, beta=1)",
+    "trl_distill": "TRL DistillationTrainer (on-policy, beta=1)",
 }
-COLORS = {"pipeline": "tab:green", "sequential": "tab:gray", "trl": "tab:orange"}
-MODULES = {"sequential": "safesteer.bench.sequential", "trl": "safesteer.bench.trl_gkd"}
+COLORS = {"pipeline": "tab:green", "sequential": "tab:gray", "trl": "tab:orange", "trl_distill": "tab:red"}
+MODULES = {
+    "sequential": "safesteer.bench.sequential",
+    "trl": "safesteer.bench.trl_gkd",
+    "trl_distill": "safesteer.bench.trl_distill",
+}
 # per-stage seconds the driver writes to metrics.jsonl
 STAGE_KEYS = ("rollout_s", "teacher_s", "learner_s", "sync_s", "idle_s", "step_s")
 BASELINE_STAGE_KEYS = ("generate_s", "teacher_s", "learner_s", "train_s", "step_s")
@@ -47,6 +52,7 @@ BASELINE_STAGE_KEYS = ("generate_s", "teacher_s", "learner_s", "train_s", "step_
 TARGETS = {
     "pipeline/sequential": (">=", 2.0),
     "pipeline/trl": (">=", 3.0),
+    "pipeline/trl_distill": (">=", 1.2),
     "sync_fraction": ("<=", 0.05),
     "overhead_fraction": ("<=", 0.10),
 }
@@ -68,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="python -m safesteer.bench",
         description="Trained completion tokens per second of this pipeline, a single-process sequential "
-        "trainer and TRL's GKD trainer on one workload (see docs/performance.md).",
+        "trainer and TRL's GKD and distillation trainers on one workload (see docs/performance.md).",
     )
     ap.add_argument(
         "--model", default="default", help="default | tiny | an HF model directory (default: default)"
@@ -243,7 +249,7 @@ def run_system(system: str, repeat: int, args, work: dict, out: Path) -> dict:
     run_dir = out / "runs" / f"{system}-r{repeat}"
     log_path = out / "logs" / f"{system}-r{repeat}.log"
     res: dict = {"system": system, "repeat": repeat, "ok": False, "log": str(log_path)}
-    if system == "trl" and importlib.util.find_spec("trl") is None:
+    if system in ("trl", "trl_distill") and importlib.util.find_spec("trl") is None:
         res["error"] = "trl is not installed (pip install -e '.[dev]')"
         return res
     res["load_avg_before"] = list(os.getloadavg())
@@ -398,7 +404,7 @@ def summarize(runs: dict[str, list[dict]], work: dict) -> dict:
         return systems.get(name, {}).get("tokens_per_s")
 
     ratios = {}
-    for other in ("sequential", "trl"):
+    for other in ("sequential", "trl", "trl_distill"):
         if tps("pipeline") and tps(other):
             ratios[f"pipeline/{other}"] = tps("pipeline") / tps(other)
     values = dict(ratios)

@@ -8,6 +8,8 @@ repeated ``rollout.samples_per_prompt`` times, in the order of the pipeline's st
 the same number of sequences as a pipeline step. Optimizer and schedule are the learner's (AdamW,
 cosine with warmup, same clipping); bf16 mixed precision as the learner's autocast; no gradient
 checkpointing (TRL's default turns it on, which would also switch off the KV cache in generation).
+The set-up, training arguments, step clock and result are shared with the other TRL baseline
+(:mod:`safesteer.bench.trl_distill`) in :func:`safesteer.bench.common.run_trl`.
 
 ``python -m safesteer.bench.trl_gkd SPEC.json`` (the runner writes the spec).
 """
@@ -15,14 +17,10 @@ checkpointing (TRL's default turns it on, which would also switch off the KV cac
 from __future__ import annotations
 
 import os
-import tempfile
-import time
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-import torch  # noqa: E402
-
-from safesteer.bench.common import compose, measured, read_spec, set_threads, write_result  # noqa: E402
+from safesteer.bench.common import TrlWorkload, run_trl  # noqa: E402
 
 
 def gkd_classes():
@@ -34,79 +32,25 @@ def gkd_classes():
     return GKDConfig, GKDTrainer
 
 
-def main(argv: list[str] | None = None) -> int:
-    import trl
+def build(w: TrlWorkload, args: dict):
+    """GKD (lmbda=1, beta=1) counting tokens and generation seconds, its config, the dataset."""
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, TrainerCallback
-
-    from safesteer.core.generation import chat_texts
-    from safesteer.core.steering import Teacher, load_vector
-    from safesteer.driver import schedule
-    from safesteer.learner import cosine_with_warmup
-    from safesteer.models import load_hf, use_bf16
-    from safesteer.run import device, training_prompts
 
     GKDConfig, GKDTrainer = gkd_classes()
-    spec = read_spec(argv)
-    set_threads(spec["threads"])
-    cfg = compose(spec["overrides"])
-    t_setup = time.perf_counter()
-    ln, r = cfg.learner, cfg.rollout
-    model_path = cfg.model.path
-    trc = cfg.model.trust_remote_code
-    torch.manual_seed(cfg.seed)
-
-    teacher_model, tok = load_hf(model_path, dtype="float32", trust_remote_code=trc)
-    tok.padding_side = "left"
-    instructions, prompt_ids, _ = training_prompts(cfg, tok)
-    steps = schedule(len(instructions), cfg)
-    k = r.samples_per_prompt
-    texts = chat_texts(tok, instructions)
+    eos = w.tok.eos_token_id
     rows = []
-    for step in steps:
-        for i in step.prompts:
-            for _ in range(k):
-                p = list(prompt_ids[i])
-                # one placeholder completion token: GKD replaces it by the student's own samples (lmbda=1)
-                rows.append(
-                    {
-                        "prompt": texts[i],
-                        "input_ids": p + [tok.eos_token_id],
-                        "attention_mask": [1] * (len(p) + 1),
-                        "completion_mask": [0] * len(p) + [1],
-                    }
-                )
-    seqs_per_step = len(steps[0].prompts) * k
-    micro = spec["micro_batch"]
-    vec = load_vector(cfg.steering.vector) if cfg.teacher.kind == "vector" else None
-    extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
-    # GKD's teacher forward sees no prompt boundary: the vector is added at every position (a
-    # throughput baseline; the pipeline and the sequential trainer follow teacher.positions)
-    teacher = Teacher(kind=cfg.teacher.kind, vector=vec, coeff=cfg.teacher.coeff, positions="all", **extra)
-    if teacher.kind != "vector":
-        raise SystemExit(
-            "the TRL baseline supports teacher.kind=vector only (GKD's teacher sees the same prompt)"
+    for i in w.order:
+        p = w.prompt_ids[i]
+        # one placeholder completion token: GKD replaces it by the student's own samples (lmbda=1)
+        rows.append(
+            {
+                "prompt": w.texts[i],
+                "input_ids": p + [eos],
+                "attention_mask": [1] * (len(p) + 1),
+                "completion_mask": [0] * len(p) + [1],
+            }
         )
-
-    student = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=trc)
-    opt = torch.optim.AdamW(
-        student.parameters(), lr=ln.lr, betas=tuple(ln.betas), weight_decay=ln.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(len(steps), ln.warmup_ratio))
-
-    tokens_by_step: dict[int, int] = {}
-    generate_s: dict[int, float] = {}
-
-    class Clock(TrainerCallback):
-        def __init__(self):
-            self.t0, self.ends = None, []
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.ends.append(time.perf_counter())
 
     class MeasuredGKD(GKDTrainer):
         """GKD as is, plus counters: completion tokens entering the loss and generation seconds."""
@@ -115,88 +59,20 @@ def main(argv: list[str] | None = None) -> int:
             return SequentialSampler(self.train_dataset)  # the pipeline's step order
 
         def generate_on_policy_outputs(self, model, inputs, generation_config):
-            t = time.perf_counter()
-            out = GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
-            s = self.state.global_step + 1
-            generate_s[s] = generate_s.get(s, 0.0) + time.perf_counter() - t
-            return out
+            with w.generating(self.state.global_step + 1):
+                return GKDTrainer.generate_on_policy_outputs(model, inputs, generation_config)
 
         def compute_loss(self, model, inputs, *args, **kwargs):
-            s = self.state.global_step + 1
-            n = int((inputs["labels"][:, 1:] != -100).sum().item())
-            tokens_by_step[s] = tokens_by_step.get(s, 0) + n
+            w.add("tokens", self.state.global_step + 1, int((inputs["labels"][:, 1:] != -100).sum().item()))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    clock = Clock()
-    with tempfile.TemporaryDirectory(prefix="safesteer-gkd-") as tmp, teacher.apply(teacher_model):
-        args = GKDConfig(
-            output_dir=tmp,
-            lmbda=1.0,
-            beta=1.0,
-            temperature=float(r.temperature),
-            max_new_tokens=int(r.max_new_tokens),
-            per_device_train_batch_size=micro,
-            gradient_accumulation_steps=seqs_per_step // micro,
-            max_steps=len(steps),
-            learning_rate=float(ln.lr),
-            max_grad_norm=float(ln.grad_clip),
-            bf16=use_bf16(ln.bf16, device()),
-            # TRL's SFT-derived default (True) would generate without a KV cache and recompute activations
-            # in the backward; the model fits, so turn it off as the other systems do.
-            gradient_checkpointing=False,
-            use_cpu=not torch.cuda.is_available(),
-            seed=int(cfg.seed),
-            report_to="none",
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            dataloader_pin_memory=False,
-            remove_unused_columns=False,
-        )
-        trainer = MeasuredGKD(
-            model=student,
-            teacher_model=teacher_model,
-            args=args,
-            train_dataset=Dataset.from_list(rows),
-            processing_class=tok,
-            optimizers=(opt, sched),
-            callbacks=[clock],
-        )
-        setup_s = time.perf_counter() - t_setup
-        trainer.train()
-    if len(clock.ends) != len(steps):
-        raise RuntimeError(f"GKD ran {len(clock.ends)} optimizer steps, expected {len(steps)}")
-    per_step = []
-    prev = clock.t0
-    for n, end in enumerate(clock.ends):
-        per_step.append(
-            {
-                "step": n + 1,
-                "tokens": tokens_by_step.get(n + 1, 0),
-                "generate_s": generate_s.get(n + 1, 0.0),
-                "train_s": end - prev - generate_s.get(n + 1, 0.0),
-                "step_s": end - prev,
-            }
-        )
-        print(
-            f"trl step {n + 1}/{len(steps)}: {per_step[-1]['tokens']} tokens in {end - prev:.1f}s", flush=True
-        )
-        prev = end
-    write_result(
-        spec,
-        {
-            "system": "trl",
-            "trl_version": trl.__version__,
-            "trainer": f"{GKDTrainer.__module__}.{GKDTrainer.__name__}",
-            "steps": per_step,
-            "setup_s": setup_s,
-            "threads": torch.get_num_threads(),
-            "sequences_per_micro_batch": micro,
-            **measured(per_step, spec["warmup_steps"]),
-        },
-    )
-    return 0
+    r = w.cfg.rollout
+    config = GKDConfig(lmbda=1.0, beta=1.0, max_new_tokens=int(r.max_new_tokens), **args)
+    return MeasuredGKD, config, Dataset.from_list(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_trl(argv, "trl", build)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def write_profile(where: str, learner, path: str, lcfg, batch: dict, safety, dev
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     parts = []
     for name, fn in (
-        ("learner step (DeepSpeed ZeRO-2, one rank)", lambda: learner.train_step(batch)),
+        (f"learner step (DeepSpeed ZeRO-{lcfg.zero_stage}, one rank)", lambda: learner.train_step(batch)),
         ("plain PyTorch step", lambda: plain_steps(path, lcfg, batch, safety, 1, device, seed)),
     ):
         with profile(activities=activities) as prof:
@@ -219,13 +219,13 @@ def check(args) -> dict:
                         **_peak_gb(device)))  # fmt: skip
     del teacher
 
-    # 3. one ZeRO-2 learner rank, the localized loss
+    # 3. one ZeRO learner rank (stage 2 unless --zero-stage), the localized loss
     batch = collate(prompt_ids, comps, tok.pad_token_id)
     L = batch["input_ids"].shape[1]
     batch["teacher_logprobs"] = to_sequence_positions(lp, batch["prompt_lens"], batch["completion_lens"], L)
     batch["anchor"] = torch.tensor([0.0 if s else 1.0 for s in steer])
     batch["weight"] = torch.tensor([1.0 if s else cfg.trainer.anchor_weight for s in steer])
-    lcfg = dataclasses.replace(typed(cfg.learner), world_size=1, zero_stage=2, bf16=bf16,
+    lcfg = dataclasses.replace(typed(cfg.learner), world_size=1, zero_stage=args.zero_stage, bf16=bf16,
                                micro_batch_size=args.micro_batch_size)  # fmt: skip
     t = time.perf_counter()
     learner = LearnerWorker(0, path, lcfg, "127.0.0.1", free_port(), args.steps, len(comps), safety, cfg.seed)
@@ -288,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3, help="learner optimizer steps")
     ap.add_argument("--bf16", action="store_true", help="bf16 on CPU too (always on CUDA)")
+    ap.add_argument(
+        "--zero-stage", type=int, choices=(0, 1, 2, 3), default=2, help="the learner rank's ZeRO stage"
+    )
     ap.add_argument(
         "--profile", metavar="FILE", help="write torch.profiler tables of a learner step and a plain step"
     )

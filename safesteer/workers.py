@@ -21,7 +21,7 @@ from safesteer.learner import LearnerWorker
 from safesteer.models import compute_dtype
 from safesteer.rollout import RolloutWorker
 from safesteer.schema import typed
-from safesteer.teacher import OUTPUT_FOR_LOSS, TeacherWorker
+from safesteer.teacher import OUTPUT_FOR_LOSS, TeacherWorker, VLLMTeacherWorker
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,16 @@ def _actor_died(e: BaseException) -> bool:
     from ray.exceptions import RayActorError
 
     return isinstance(e, RayActorError)
+
+
+def init_error(e: BaseException) -> SafeSteerError | None:
+    """The SafeSteerError an actor raised while starting (on another node, say), as one line."""
+    import re
+
+    if not _actor_died(e):
+        return None
+    found = re.findall(r"SafeSteerError: (.+)", str(e))
+    return SafeSteerError(found[-1].strip()) if found else None
 
 
 def learner_stats(res: list[dict]) -> dict:
@@ -144,18 +154,11 @@ class Workers:
             )
         output = OUTPUT_FOR_LOSS[cfg.learner.loss]
         tcfg = typed(cfg.teacher)
-        return spawn(
-            TeacherWorker,
-            self.pg,
-            bundle,
-            role,
-            self.model_path,
-            tcfg,
-            self.vector_blob,
-            self.tokens,
-            output,
-            trust,
-        )
+        args = (self.model_path, tcfg, self.vector_blob, self.tokens, output, trust)
+        if tcfg.backend == "vllm":  # an engine sized like the rollout engine's
+            engine = (typed(cfg.rollout), self.dtype, cfg.seed, self.device)
+            return spawn(VLLMTeacherWorker, self.pg, bundle, role, *args, *engine)
+        return spawn(TeacherWorker, self.pg, bundle, role, *args)
 
     def _spawn_learners(self) -> list:
         cfg = self.cfg
@@ -192,8 +195,14 @@ class Workers:
     def wait_ready(self) -> None:
         """Every actor is up, and the teachers and learners hold the driver's safety tokens."""
         ray = self._ray
-        ray.get([w.info.remote() for w in self.rollout])
-        held = ray.get([t.safety_tokens_hash.remote() for t in self.teachers])
+        try:
+            ray.get([w.info.remote() for w in self.rollout])
+            held = ray.get([t.safety_tokens_hash.remote() for t in self.teachers])
+        except Exception as e:
+            err = init_error(e)
+            if err is None:
+                raise
+            raise err from e
         held += self._learners_get([w.safety_tokens_hash.remote() for w in self.learners])
         want = self.tokens.content_hash() if self.tokens is not None else None
         if any(h != want for h in held):

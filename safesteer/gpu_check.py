@@ -103,13 +103,17 @@ def _rate(steps: list[dict]) -> float:
     return sum(s["tokens"] for s in keep) / sum(s["seconds"] for s in keep)
 
 
-def plain_steps(path: str, lcfg, batch: dict, safety, n_steps: int, device: str, seed: int) -> list[dict]:
+def plain_steps(
+    path: str, lcfg, batch: dict, safety, n_steps: int, device: str, seed: int, full_logits: bool = False
+) -> list[dict]:
     """``n_steps`` optimizer steps of the learner's loss on ``batch`` in plain PyTorch: the same model
-    dtype, autocast, micro-batches, AdamW, clipping and loss, without DeepSpeed."""
+    dtype, autocast, micro-batches, AdamW, clipping and loss, without DeepSpeed. ``full_logits``: the
+    plain way of writing it instead of the chunked head (the model's full logits, then the loss)."""
     from transformers import AutoModelForCausalLM
 
     from safesteer.core.batch import split
-    from safesteer.learner import micro_batch_loss
+    from safesteer.learner import LocalizedStudent, micro_batch_loss
+    from safesteer.models import use_bf16
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
@@ -119,13 +123,18 @@ def plain_steps(path: str, lcfg, batch: dict, safety, n_steps: int, device: str,
         model.parameters(), lr=lcfg.lr, betas=tuple(lcfg.betas), weight_decay=lcfg.weight_decay
     )
     ids = torch.tensor(safety.ids, device=device)
+    bf16 = use_bf16(lcfg.bf16, device)
+    chunk = 1 << 62 if full_logits else lcfg.logits_chunk
+    student = LocalizedStudent(model, ids, lcfg.loss, lcfg.renormalize, bf16, chunk)
+    loss_fn = (lambda mb: _full_logits_loss(model, mb, ids, lcfg, bf16, device)) if full_logits else (
+        lambda mb: micro_batch_loss(student, mb, device))  # fmt: skip
     n_micro = batch["input_ids"].shape[0] // lcfg.micro_batch_size
     out = []
     for _ in range(n_steps):
         t, total = time.perf_counter(), 0.0
         opt.zero_grad(set_to_none=True)
         for mb in split(batch, n_micro):
-            loss, stats = micro_batch_loss(model, mb, ids, lcfg.loss, lcfg.renormalize, lcfg.bf16, device)
+            loss, stats = loss_fn(mb)
             (loss / n_micro).backward()
             total += stats["loss_sum"]
         torch.nn.utils.clip_grad_norm_(model.parameters(), lcfg.grad_clip)
@@ -140,6 +149,26 @@ def plain_steps(path: str, lcfg, batch: dict, safety, n_steps: int, device: str,
             }
         )
     return out
+
+
+def _full_logits_loss(model, mb: dict, ids, lcfg, bf16: bool, device: str) -> tuple[torch.Tensor, dict]:
+    """The loss written the plain way: the model's (B,T,V) logits, then the localized reverse KL."""
+    from safesteer.core.batch import trim
+    from safesteer.core.loss import localized_reverse_kl_terms, sequence_mean
+    from safesteer.core.scoring import right_padded_positions
+
+    mb = {k: v.to(device) for k, v in trim(mb).items()}
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(
+            input_ids=mb["input_ids"],
+            attention_mask=mb["attention_mask"],
+            position_ids=right_padded_positions(mb["attention_mask"]),
+        ).logits[:, :-1]
+    terms = localized_reverse_kl_terms(logits, mb["teacher_logprobs"], mb.get("teacher_ids", ids), lcfg.loss,
+                                       lcfg.renormalize, target_ids=mb["input_ids"][:, 1:])  # fmt: skip
+    per_seq = sequence_mean(terms, mb["completion_mask"])
+    loss = (per_seq * mb["weight"]).mean() if "weight" in mb else per_seq.mean()
+    return loss, {"loss_sum": per_seq.sum().item()}
 
 
 def write_profile(where: str, learner, path: str, lcfg, batch: dict, safety, device: str, seed: int) -> None:
@@ -249,6 +278,11 @@ def check(args) -> dict:
         rows.append(_report("plain_step", step=i + 1, loss=float(f"{out['loss']:.4g}"), tokens=out["tokens"],
                             seconds=round(out["seconds"], 3), tokens_per_s=round(out["tokens"] / out["seconds"], 1)))  # fmt: skip
     rows.append(_report("learner_vs_plain", ratio=round(_rate(steps) / _rate(plain), 3)))
+    full = plain_steps(path, lcfg, batch, safety, args.steps, device, cfg.seed, full_logits=True)
+    for i, out in enumerate(full):
+        rows.append(_report("plain_full_logits_step", step=i + 1, loss=float(f"{out['loss']:.4g}"),
+                            seconds=round(out["seconds"], 3), tokens_per_s=round(out["tokens"] / out["seconds"], 1)))  # fmt: skip
+    rows.append(_report("chunked_head_vs_full_logits", ratio=round(_rate(plain) / _rate(full), 3)))
     if args.profile:
         write_profile(args.profile, learner, path, lcfg, batch, safety, device, cfg.seed)
 

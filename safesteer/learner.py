@@ -19,7 +19,15 @@ import torch
 from safesteer import learner_state
 from safesteer.actors import Placement, configure_threads
 from safesteer.core.batch import split, trim
-from safesteer.core.loss import MODES, localized_reverse_kl_terms, safety_mass, sequence_mean
+from safesteer.core.loss import (
+    MODES,
+    gathered_terms,
+    head_logprobs,
+    localized_reverse_kl_terms,
+    per_sequence_mean,
+    safety_mass,
+    sequence_mean,
+)
 from safesteer.core.scoring import right_padded_positions
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
@@ -43,6 +51,7 @@ class LearnerConfig(Placement):
     grad_clip: float = option(gt=0)
     bf16: Any = option(choices=(True, False, "auto"))
     micro_batch_size: int = option(ge=1)
+    logits_chunk: int = option(ge=1)
 
     @staticmethod
     def rules(cfg) -> None:
@@ -110,33 +119,85 @@ def deepspeed_config(cfg: LearnerConfig, sequences_per_step: int) -> dict:
     }
 
 
-def micro_batch_loss(
-    model, mb: dict, ids: torch.Tensor | None, mode: str, renormalize: bool, bf16: bool, device: str
-) -> tuple[torch.Tensor, dict]:
-    """The localized reverse KL of one micro-batch (``model`` is the DeepSpeed engine or a plain
-    module) and its statistics: the loss sums, the anchors' part, the student's safety-token mass."""
+def output_head(lm):
+    """The student's head as a function of the final hidden states (with the logit soft-capping of
+    the models that have one, e.g. Gemma 2)."""
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if not cap:
+        return head
+    return lambda h: torch.tanh(head(h) / cap) * cap
+
+
+class LocalizedStudent(torch.nn.Module):
+    """The student whose forward is the localized loss of one micro-batch, per sequence; this is the
+    module DeepSpeed wraps, so the backward starts at the loss and ZeRO's hooks see every parameter.
+
+    The head runs only on completion positions and ``chunk`` of them at a time
+    (:func:`safesteer.core.loss.head_logprobs`): the float32 full-vocabulary logits of a micro-batch
+    are never materialised. ``loss=full`` needs the whole distribution and computes full logits.
+    """
+
+    def __init__(self, lm, ids: torch.Tensor | None, mode: str, renormalize: bool, bf16: bool, chunk: int):
+        super().__init__()
+        self.lm = lm
+        self.ids, self.mode, self.renormalize, self.bf16, self.chunk = ids, mode, renormalize, bf16, chunk
+
+    def forward(self, input_ids, attention_mask, completion_mask, teacher_logprobs, teacher_ids=None):
+        """Returns (per-sequence loss (B,), the student's mean safety-token mass (scalar, no grad))."""
+        device, head = input_ids.device.type, output_head(self.lm)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.lm.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=right_padded_positions(attention_mask),
+                use_cache=False,
+            ).last_hidden_state[:, :-1]
+            if self.mode == "full":
+                logits = head(hidden)
+        if self.mode == "full":
+            terms = localized_reverse_kl_terms(logits, teacher_logprobs, None, "full")
+            mass = safety_mass(logits, self.ids, completion_mask) if self.ids is not None else None
+            return sequence_mean(terms, completion_mask), mass
+        sel = completion_mask.bool()
+        rows = sel.nonzero()[:, 0]
+        h = hidden[sel]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.mode in ("k1", "k3"):
+                ids = input_ids[:, 1:][sel].unsqueeze(-1)
+            else:
+                ids = teacher_ids[sel] if self.mode == "topk" else self.ids
+            s_lp = head_logprobs(h, head, ids, self.chunk)
+            mass = None
+            if self.ids is not None:
+                with torch.no_grad():
+                    own = self.mode in ("partial", "bucket")
+                    set_lp = s_lp if own else head_logprobs(h.detach(), head, self.ids, self.chunk)
+                    mass = set_lp.exp().sum(-1).mean() if set_lp.numel() else set_lp.new_zeros(())
+        if self.mode in ("k1", "k3"):
+            s_lp = s_lp.squeeze(-1)
+        terms = gathered_terms(s_lp, teacher_logprobs[sel], self.mode, self.renormalize)
+        return per_sequence_mean(terms, rows, input_ids.shape[0]), mass
+
+
+def micro_batch_loss(student, mb: dict, device: str) -> tuple[torch.Tensor, dict]:
+    """The localized reverse KL of one micro-batch (``student`` is the DeepSpeed engine around a
+    :class:`LocalizedStudent`, or the module itself) and its statistics: the loss sums, the anchors'
+    part, the student's safety-token mass."""
     mb = {k: v.to(device) for k, v in trim(mb).items()}
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(
-            input_ids=mb["input_ids"],
-            attention_mask=mb["attention_mask"],
-            position_ids=right_padded_positions(mb["attention_mask"]),
-        ).logits[:, :-1]
-    terms = localized_reverse_kl_terms(
-        logits,
-        mb["teacher_logprobs"],
-        mb.get("teacher_ids", ids),
-        mode,
-        renormalize,
-        target_ids=mb["input_ids"][:, 1:],
+    per_seq, mass = student(
+        input_ids=mb["input_ids"],
+        attention_mask=mb["attention_mask"],
+        completion_mask=mb["completion_mask"],
+        teacher_logprobs=mb["teacher_logprobs"],
+        teacher_ids=mb.get("teacher_ids"),
     )
-    per_seq = sequence_mean(terms, mb["completion_mask"])
     stats = {"loss_sum": per_seq.sum().item(), "sequences": per_seq.numel()}
     if "anchor" in mb:
         stats["anchor_loss_sum"] = (per_seq.detach() * mb["anchor"]).sum().item()
         stats["anchor_sequences"] = int(mb["anchor"].sum().item())
-    if ids is not None:
-        stats["mass_sum"] = safety_mass(logits, ids, mb["completion_mask"]).item() * per_seq.numel()
+    if mass is not None:
+        stats["mass_sum"] = mass.item() * per_seq.numel()
     # Anchor sequences weigh trainer.anchor_weight in the loss (training sequences 1).
     loss = (per_seq * mb["weight"]).mean() if "weight" in mb else per_seq.mean()
     return loss, stats
@@ -193,12 +254,14 @@ class LearnerWorker:
             weight_decay=cfg.weight_decay,
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_with_warmup(total_steps, cfg.warmup_ratio))
+        self.model = model
+        self.ids = torch.tensor(tokens.ids, device=self.device) if tokens is not None else None
+        student = LocalizedStudent(model, self.ids, cfg.loss, cfg.renormalize, self.bf16, cfg.logits_chunk)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, sequences_per_step)
+            model=student, optimizer=opt, lr_scheduler=sched, config=deepspeed_config(cfg, sequences_per_step)
         )
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         self.tokens = tokens
-        self.ids = torch.tensor(tokens.ids, device=self.device) if tokens is not None else None
         self.steps = 0
 
     def safety_tokens_hash(self) -> str | None:
@@ -206,9 +269,7 @@ class LearnerWorker:
         return self.tokens.content_hash() if self.tokens is not None else None
 
     def _micro_loss(self, mb: dict) -> tuple[torch.Tensor, dict]:
-        return micro_batch_loss(
-            self.engine, mb, self.ids, self.cfg.loss, self.cfg.renormalize, self.bf16, self.device
-        )
+        return micro_batch_loss(self.engine, mb, self.device)
 
     def train_step(self, shard: dict, poison: bool = False) -> dict:
         """One optimizer step over this rank's shard (split into micro-batches).
@@ -278,7 +339,7 @@ class LearnerWorker:
         from safetensors.torch import save
 
         dt = getattr(torch, dtype)
-        module = self.engine.module
+        module = self.model
         state = {}
         if self.cfg.zero_stage == 3:
             import deepspeed
@@ -303,7 +364,7 @@ class LearnerWorker:
         from safesteer.weight_sync import RolloutClient, trainer_engine, zero_source
 
         skip = ("lm_head.weight",) if self.tied else ()
-        source = zero_source(self.engine.module, self.cfg.zero_stage, torch.bfloat16, skip)
+        source = zero_source(self.model, self.cfg.zero_stage, torch.bfloat16, skip)
         client = RolloutClient(rollout_handles, tp)
         self.transfer = trainer_engine(
             self.rank, master_addr, master_port, len(rollout_handles), tp, client, source

@@ -39,9 +39,10 @@ def test_gpu_check_runs_every_stage_and_passes(run_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     stages = [r["stage"] for r in rows]
-    steps, plain = ["learner_step"] * 3, ["plain_step"] * 3
+    steps, plain, full = ["learner_step"] * 3, ["plain_step"] * 3, ["plain_full_logits_step"] * 3
     assert stages == [
-        "setup", "generate", "teacher", "learner_init", *steps, *plain, "learner_vs_plain", "export", "verdict",
+        "setup", "generate", "teacher", "learner_init", *steps, *plain, "learner_vs_plain", *full,
+        "chunked_head_vs_full_logits", "export", "verdict",
     ]  # fmt: skip
     by = {r["stage"]: r for r in rows}
     assert by["verdict"]["ok"] and by["verdict"]["failures"] == []
@@ -53,6 +54,11 @@ def test_gpu_check_runs_every_stage_and_passes(run_dir, tmp_path):
     first = {r["stage"]: r["loss"] for r in rows if r.get("step") == 1}
     assert first["plain_step"] == pytest.approx(first["learner_step"], rel=1e-3), first
     assert by["learner_vs_plain"]["ratio"] > 0
+    # the chunked head and the full logits give the same losses
+    full_losses = [r["loss"] for r in rows if r["stage"] == "plain_full_logits_step"]
+    plain_losses = [r["loss"] for r in rows if r["stage"] == "plain_step"]
+    assert full_losses == pytest.approx(plain_losses, rel=1e-3)
+    assert by["chunked_head_vs_full_logits"]["ratio"] > 0
     text = profile.read_text()
     assert "## learner step" in text and "## plain PyTorch step" in text and "aten::" in text
 

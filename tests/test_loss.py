@@ -16,8 +16,10 @@ from hypothesis import strategies as st
 from safesteer.core.loss import (
     MODES,
     gather_logprobs,
+    head_logprobs,
     localized_reverse_kl,
     localized_reverse_kl_terms,
+    per_sequence_mean,
     safety_mass,
     sequence_mean,
 )
@@ -439,3 +441,43 @@ def test_freeze_below_freezes_embeddings_and_early_blocks_only(tiny) -> None:
     assert freeze_below(copy.deepcopy(tiny[0]), None) == []
     with pytest.raises(SafeSteerError, match="train_from_layer=9"):
         freeze_below(copy.deepcopy(tiny[0]), 9)
+
+
+# ------------------------------------------------------------------------------ the chunked head
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_head_logprobs_equals_the_full_log_softmax_and_its_gradient(chunk: int, per_row: bool) -> None:
+    g = torch.Generator().manual_seed(5)
+    N, D, V, K = 7, 5, 13, 4
+    hidden = torch.randn(N, D, generator=g, requires_grad=True)
+    head = torch.nn.Linear(D, V, bias=True)
+    ids = torch.randint(0, V, (N, K), generator=g) if per_row else torch.randperm(V, generator=g)[:K]
+    weights = torch.randn(N, K, generator=g)
+    got = head_logprobs(hidden, head, ids, chunk)
+    full = torch.log_softmax(head(hidden), -1)  # reference: the whole (N,V) at once
+    want = torch.gather(full, -1, ids) if per_row else full[:, ids]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    g_got = torch.autograd.grad((got * weights).sum(), [hidden, head.weight])
+    g_want = torch.autograd.grad((want * weights).sum(), [hidden, head.weight])
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_head_logprobs_runs_the_head_chunk_rows_at_a_time() -> None:
+    seen = []
+    head = torch.nn.Linear(3, 9)
+    head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    head_logprobs(torch.randn(10, 3, requires_grad=True), head, torch.tensor([1, 2]), 4).sum().backward()
+    assert seen[:3] == [4, 4, 2]  # the forward, chunk by chunk
+    assert sorted(seen[3:]) == [2, 4, 4]  # each chunk again in the backward (recomputed)
+    with pytest.raises(ValueError, match="chunk"):
+        head_logprobs(torch.randn(2, 3), head, torch.tensor([1]), 0)
+
+
+def test_per_sequence_mean_equals_sequence_mean_on_the_masked_positions() -> None:
+    g = torch.Generator().manual_seed(2)
+    terms = torch.randn(3, 5, generator=g)
+    mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])
+    sel = mask.bool()
+    got = per_sequence_mean(terms[sel], sel.nonzero()[:, 0], 3)
+    torch.testing.assert_close(got, sequence_mean(terms, mask))

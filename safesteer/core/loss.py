@@ -27,7 +27,10 @@ Variants (``mode``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 MODES = ("partial", "bucket", "full", "topk", "k1", "k3")
 
@@ -78,14 +81,25 @@ def localized_reverse_kl_terms(
         if target_ids is None:
             raise ValueError(f"mode {mode} needs target_ids (the sampled tokens)")
         s_lp = gather_logprobs(student_logits, target_ids.unsqueeze(-1)).squeeze(-1)
-        if mode == "k1":
-            k = (s_lp - t_lp).detach()
-            return k + k * (s_lp - s_lp.detach())
-        log_r = (t_lp - s_lp).clamp(-30.0, 30.0)  # keeps exp finite (masked positions may be extreme)
-        return torch.expm1(log_r) - log_r
+        return gathered_terms(s_lp, t_lp, mode)
     if ids is None:
         raise ValueError(f"mode {mode} needs the gathered ids")
-    s_lp = gather_logprobs(student_logits, ids)
+    return gathered_terms(gather_logprobs(student_logits, ids), t_lp, mode, renormalize)
+
+
+def gathered_terms(
+    s_lp: torch.Tensor, t_lp: torch.Tensor, mode: str, renormalize: bool = False
+) -> torch.Tensor:
+    """The per-position term from the student's log-probs already gathered: (..., K) at the safety
+    (``partial``, ``bucket``) or top-K (``topk``) ids, or (...) at the sampled tokens (``k1``, ``k3``).
+    The leading shape is free ((B,T) or the (N,) selected completion positions)."""
+    t_lp = t_lp.float()
+    if mode == "k1":
+        k = (s_lp - t_lp).detach()
+        return k + k * (s_lp - s_lp.detach())
+    if mode == "k3":
+        log_r = (t_lp - s_lp).clamp(-30.0, 30.0)  # keeps exp finite (masked positions may be extreme)
+        return torch.expm1(log_r) - log_r
     if renormalize:
         s_lp = s_lp - torch.logsumexp(s_lp, dim=-1, keepdim=True)
         t_lp = t_lp - torch.logsumexp(t_lp, dim=-1, keepdim=True)
@@ -97,6 +111,47 @@ def localized_reverse_kl_terms(
         log_rt = _log1mexp(torch.logsumexp(t_lp, dim=-1))
         terms = terms + log_rs.exp() * (log_rs - log_rt)
     return terms
+
+
+def head_logprobs(
+    hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], ids: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """Full-vocabulary float32 log-softmax of ``head(hidden)`` gathered at ``ids``, ``chunk`` rows at a
+    time (the chunked LM head).
+
+    hidden: (N,D) final hidden states (only the positions that need a distribution). ids: (K,) global
+    ids or (N,K) per-row ids. Returns (N,K). The (N,V) logits never exist at once: each chunk's logits
+    are freed after its gather and, when gradients are needed, recomputed chunk by chunk in the
+    backward (activation checkpointing), so the head's peak is ``chunk x V`` instead of ``N x V``.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    grad = torch.is_grad_enabled()
+    out = []
+    for s in range(0, hidden.shape[0], chunk):
+        h = hidden[s : s + chunk]
+        i = ids if ids.dim() == 1 else ids[s : s + chunk]
+        if grad:
+            out.append(checkpoint(_head_gather, h, i, head, use_reentrant=False))
+        else:
+            out.append(_head_gather(h, i, head))
+    if not out:
+        return hidden.new_zeros((0, ids.shape[-1]), dtype=torch.float32)
+    return torch.cat(out)
+
+
+def _head_gather(h: torch.Tensor, ids: torch.Tensor, head) -> torch.Tensor:
+    return gather_logprobs(head(h), ids)
+
+
+def per_sequence_mean(terms: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean of ``terms`` (N,) per sequence, row ``rows[i]`` owning ``terms[i]``: (N,),(N,) -> (n_rows,).
+
+    The selected-positions form of :func:`sequence_mean`; a sequence with no position contributes 0.
+    """
+    total = terms.new_zeros(n_rows).index_add(0, rows, terms)
+    count = terms.new_zeros(n_rows).index_add(0, rows, torch.ones_like(terms))
+    return total / count.clamp(min=1.0)
 
 
 def sequence_mean(terms: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from safesteer import checkpoint
 from safesteer.core.batch import assemble
+from safesteer.core.generation import reasoning_ids
 from safesteer.errors import SafeSteerError
 from safesteer.metrics import MetricsLog, Stopwatch, step_row
 from safesteer.schema import group, option, require
@@ -245,6 +246,7 @@ def train(cfg, workers, tok, prompts: Prompts, plan, ckpts, logger, selector, st
                     sc["teacher"],
                     tok.pad_token_id,
                     t.anchor_weight,
+                    reasoning_ids(tok),
                 )
                 with watch("learner"):
                     stats = workers.train_step(n + 1, batch)  # localized reverse KL

@@ -577,9 +577,8 @@ def _main(cfg) -> None:
     import gc
 
     from hydra.core.hydra_config import HydraConfig
-    from transformers import AutoTokenizer
 
-    from safesteer.models import compute_dtype, resolve_model_path
+    from safesteer.models import compute_dtype, load_tokenizer, resolve_model_path
     from safesteer.paths import atomic_write_json, atomic_write_text
     from safesteer.report import markdown, table_rows
     from safesteer.rollout import RolloutWorker
@@ -587,7 +586,7 @@ def _main(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     base_path = resolve_model_path(cfg.model.path)
     trained_path = resolve_model_path(cfg.eval.model) if cfg.eval.model else None
-    tok = AutoTokenizer.from_pretrained(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(base_path, cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
     sets = eval_sets(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = compute_dtype(cfg.model.dtype, device)

@@ -237,7 +237,7 @@ def check(args) -> dict:
 
     # 2. the steered teacher, bf16 autocast
     teacher = TeacherWorker(path, dataclasses.replace(typed(cfg.teacher), bf16=bf16), vector_blob, safety,
-                            OUTPUT_FOR_LOSS[cfg.learner.loss])  # fmt: skip
+                            OUTPUT_FOR_LOSS[cfg.learner.loss], typed(cfg.model))  # fmt: skip
     teacher.score(instructions[:2], comps[:2], steer[:2])  # warm-up
     _reset_peak(device)
     scored = teacher.score(instructions, comps, steer)

@@ -19,6 +19,7 @@ import torch
 from safesteer import learner_state
 from safesteer.actors import Placement, configure_threads
 from safesteer.core.batch import split, trim
+from safesteer.core.lora import merged_state
 from safesteer.core.loss import (
     MODES,
     gathered_terms,
@@ -32,7 +33,17 @@ from safesteer.core.scoring import right_padded_positions
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
 from safesteer.models import use_bf16
-from safesteer.schema import option, require
+from safesteer.schema import group, option, require
+
+
+@dataclass
+class LoraSettings:
+    """``learner.lora``: low-rank adapters instead of full fine-tuning (``r`` 0: off)."""
+
+    r: int = option(ge=0)
+    alpha: float = option(gt=0)
+    dropout: float = option(fraction="[)")
+    target_modules: list[str] = option(default=[])
 
 
 @dataclass
@@ -52,6 +63,7 @@ class LearnerConfig(Placement):
     bf16: Any = option(choices=(True, False, "auto"))
     micro_batch_size: int = option(ge=1)
     logits_chunk: int = option(ge=1)
+    lora: LoraSettings = group(LoraSettings)
 
     @staticmethod
     def rules(cfg) -> None:
@@ -61,6 +73,13 @@ class LearnerConfig(Placement):
         betas = list(ln.betas)
         ok = len(betas) == 2 and all(0 <= b < 1 for b in betas)
         require(ok, "learner.betas", betas, "must be two numbers in [0, 1)")
+        if ln.lora.r:
+            why = "LoRA adapters train under ZeRO stages 0-2 (learner.lora.r > 0)"
+            require(ln.zero_stage <= 2, "learner.zero_stage", ln.zero_stage, why)
+            why = "cannot be combined with learner.lora.r > 0 (the adapters are what trains)"
+            require(ln.train_from_layer is None, "learner.train_from_layer", ln.train_from_layer, why)
+            mods = list(ln.lora.target_modules)
+            require(len(mods) > 0, "learner.lora.target_modules", mods, "needs at least one module name")
 
 
 # Adam's per-partition state, saved next to the fp32 master partition (ZeRO keeps one of each per rank).
@@ -101,6 +120,27 @@ def freeze_below(model, layer: int | None) -> list[str]:
             p.requires_grad_(False)
             names.append(name)
     return names
+
+
+def add_lora(model, lora: LoraSettings):
+    """Inject LoRA adapters (peft) into ``model``'s ``lora.target_modules`` in place and freeze every
+    other weight; returns the peft wrapper (for the adapter's export). ``model`` keeps working as the
+    HF module it was, with the adapters in its forward."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # e.g. a target module the architecture does not have
+        msg = " ".join(str(e).split())[:300]
+        raise SafeSteerError(f"learner.lora.target_modules={list(lora.target_modules)}: {msg}") from e
 
 
 def deepspeed_config(cfg: LearnerConfig, sequences_per_step: int) -> dict:
@@ -247,6 +287,7 @@ class LearnerWorker:
         )
         model.config.use_cache = False
         freeze_below(model, cfg.train_from_layer)
+        self.adapters = add_lora(model, cfg.lora) if cfg.lora.r else None
         opt = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=cfg.lr,
@@ -355,9 +396,24 @@ class LearnerWorker:
             state = {k: v.detach().to(dt).cpu().clone() for k, v in module.state_dict().items()}
         if self.rank != 0:
             return None
+        if self.adapters is not None:  # what the engines and the export need: the merged weights
+            lora = self.cfg.lora
+            state = merged_state(state, lora.alpha / lora.r)
         if self.tied:
             state.pop("lm_head.weight", None)
         return save(state)
+
+    def export_adapter(self) -> dict[str, bytes] | None:
+        """The trained LoRA adapter as peft writes it (``adapter_model.safetensors`` and
+        ``adapter_config.json``), on rank 0; None elsewhere or without LoRA."""
+        if self.adapters is None or self.rank != 0:
+            return None
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.adapters.save_pretrained(tmp, safe_serialization=True)
+            return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
 
     def init_weight_transfer(self, rollout_handles, master_addr: str, master_port: int, tp: int) -> None:
         """Join the NCCL weight-transfer group with the rollout engines (``rollout.weight_sync=nccl``)."""

@@ -18,6 +18,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from safesteer.errors import SafeSteerError
 from safesteer.paths import atomic_dir, cache_dir
@@ -32,6 +33,7 @@ class ModelConfig:
     dtype: str = option(choices=("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = option()
     max_prompt_tokens: int = option(ge=1)
+    chat_template_kwargs: dict[str, Any] = option(default={})
 
 
 log = logging.getLogger(__name__)
@@ -135,11 +137,10 @@ def prepare_default_model(force: bool = False) -> Path:
     return convert_gguf(default_gguf_path(), out)
 
 
-def tiny_llama_config(tok, num_hidden_layers: int = 4):
-    """A tiny Llama config (hidden 64, head_dim 32 as vLLM's CPU attention needs) for ``tok``'s vocabulary."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+def tiny_config_kwargs(tok, num_hidden_layers: int = 4, tied: bool = True) -> dict:
+    """The sizes of the tiny test models (hidden 64, head_dim 32 as vLLM's CPU attention needs) and
+    ``tok``'s vocabulary and special ids, for any decoder config class."""
+    return dict(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=num_hidden_layers,
@@ -148,11 +149,18 @@ def tiny_llama_config(tok, num_hidden_layers: int = 4):
         head_dim=32,
         vocab_size=len(tok),
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+
+
+def tiny_llama_config(tok, num_hidden_layers: int = 4):
+    """A tiny Llama config with a tied head (:func:`tiny_config_kwargs`) for ``tok``'s vocabulary."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**tiny_config_kwargs(tok, num_hidden_layers))
 
 
 def prepare_tiny_model() -> Path:
@@ -229,7 +237,40 @@ def check_architecture(path: str, trust_remote_code: bool = False):
     except (OSError, ValueError, KeyError) as e:
         raise SafeSteerError(f"model.path={path}: cannot load ({' '.join(str(e).split())[:300]})") from e
     decoder_layers(model)
-    return config.get_text_config()
+    text = config.get_text_config()
+    if getattr(text, "tie_word_embeddings", False) and "lm_head.weight" in dict(model.named_parameters()):
+        # the learners send and export a tied model without lm_head.weight (it is the embeddings)
+        raise SafeSteerError(
+            f"model.path={path}: tie_word_embeddings is set but {type(model).__name__} keeps its head "
+            "as a separate parameter; the export would drop the head"
+        )
+    return text
+
+
+def weight_names(blob: bytes) -> set[str]:
+    """The tensor names in safetensors bytes (from the header; no tensor is read)."""
+    n = int.from_bytes(blob[:8], "little")
+    return {k for k in json.loads(blob[8 : 8 + n]) if k != "__metadata__"}
+
+
+def check_export(path: str, blob: bytes, trust_remote_code: bool = False) -> None:
+    """Refuse weights that would not rebuild the model at ``path``: every parameter of its
+    architecture must be there, except a head tied to the embeddings (saved once, as the embeddings)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    expected = {n for n, _ in model.named_parameters()}  # a tied head is the embeddings' parameter
+    missing = sorted(expected - weight_names(blob))
+    if missing:
+        tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+        raise SafeSteerError(
+            f"model.path={path}: the trained weights lack {', '.join(missing[:3])}"
+            + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+            + f"; the export would drop them (tie_word_embeddings={tied})"
+        )
 
 
 def compute_dtype(name: str, device: str) -> str:
@@ -250,21 +291,81 @@ def use_bf16(setting: bool | str, device: str) -> bool:
     return device.startswith("cuda") if setting == "auto" else bool(setting)
 
 
-def load_hf(path: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """Load (model, tokenizer) with transformers, in eval mode, with a left-padding tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_kwargs: dict | None = None):
+    """The model's tokenizer, left-padding, checked for what SafeSteer needs from it: a chat template
+    (every prompt is formatted with it) whose assistant turn ends with a token generation stops at.
+    ``chat_template_kwargs`` (``model.chat_template_kwargs``, e.g. ``enable_thinking``) go to every
+    :func:`safesteer.core.generation.chat_texts` call on it."""
+    from transformers import AutoTokenizer
+
+    from safesteer.core.generation import TEMPLATE_KWARGS
 
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise SafeSteerError(f"model.path={path}: cannot load its tokenizer ({msg})") from e
+    if not getattr(tok, "chat_template", None):
+        raise SafeSteerError(
+            f"model.path={path}: the tokenizer has no chat template; SafeSteer formats every prompt "
+            "with it (add one to tokenizer_config.json or chat_template.jinja)"
+        )
+    if tok.eos_token_id is None:
+        raise SafeSteerError(f"model.path={path}: the tokenizer has no eos token, so no answer would end")
+    setattr(tok, TEMPLATE_KWARGS, dict(chat_template_kwargs or {}))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    check_turn_end(tok, path)
+    return tok
+
+
+def end_of_turn_ids(tok, path: str) -> set[int]:
+    """The ids an answer ends at: the tokenizer's eos and the eos ids of ``generation_config.json``."""
+    from transformers import GenerationConfig
+
+    ids = {tok.eos_token_id}
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except (OSError, ValueError):
+        eos = None
+    ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return ids
+
+
+def check_turn_end(tok, path: str) -> None:
+    """Refuse a template whose assistant turn does not end with an end-of-turn token (a tokenizer
+    missing the special tokens its template writes splits them into pieces, and generation,
+    safety-token selection and the judge would all run past the end of every answer)."""
+    from safesteer.core.generation import TEMPLATE_KWARGS
+
+    conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    try:
+        text = tok.apply_chat_template(conv, tokenize=False, **getattr(tok, TEMPLATE_KWARGS, {}))
+    except Exception as e:  # noqa: BLE001 (jinja raises its own errors for a broken template)
+        msg = " ".join(str(e).split())[:200]
+        raise SafeSteerError(f"model.path={path}: its chat template fails ({msg})") from e
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not end_of_turn_ids(tok, path) & set(ids[-3:]):
+        raise SafeSteerError(
+            f"model.path={path}: the chat template's assistant turn does not end with the eos token "
+            f"{tok.eos_token!r} as one token (the tokenizer lacks the special tokens its template writes)"
+        )
+
+
+def load_hf(path: str, dtype: str = "float32", trust_remote_code: bool = False, chat_template_kwargs=None):
+    """Load (model, tokenizer) with transformers, in eval mode, with a left-padding tokenizer
+    (:func:`load_tokenizer`)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(path, trust_remote_code, chat_template_kwargs)
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as e:
         raise SafeSteerError(f"model.path={path}: cannot load ({' '.join(str(e).split())[:300]})") from e
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     model.eval()
     decoder_layers(model)
     return model, tok

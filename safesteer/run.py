@@ -128,10 +128,14 @@ def original_validation(cfg, model_path: str, selector, workers, tok) -> dict:
     return scores
 
 
-def export_model(run_dir: Path, model_path: str, blob: bytes, prepared) -> Path:
-    """The trained student as an HF directory (safetensors, tokenizer, chat template), plus the teacher artifacts."""
+def export_model(run_dir: Path, model_path: str, blob: bytes, prepared, adapter: dict | None = None) -> Path:
+    """The trained student as an HF directory (safetensors, tokenizer, chat template), plus the teacher
+    artifacts and, when LoRA trained, the adapter as peft writes it (``export/adapter``)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from safesteer.models import check_export
+
+    check_export(model_path, blob)
     out = run_dir / "export"
     with atomic_dir(out) as tmp:
         model_dir = tmp / "model"
@@ -145,6 +149,10 @@ def export_model(run_dir: Path, model_path: str, blob: bytes, prepared) -> Path:
         for p in (prepared.vector_path, prepared.tokens_path):
             if p is not None and Path(p).is_file():
                 shutil.copy2(p, tmp / Path(p).name)
+        if adapter:
+            (tmp / "adapter").mkdir()
+            for name, data in adapter.items():
+                (tmp / "adapter" / name).write_bytes(data)
     return out / "model"
 
 
@@ -152,7 +160,6 @@ def _main(cfg) -> None:
     import ray
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
-    from transformers import AutoTokenizer
 
     from safesteer import checkpoint
     from safesteer import eval as ev
@@ -161,7 +168,7 @@ def _main(cfg) -> None:
     from safesteer.core.tokens import SafetyTokens
     from safesteer.driver import distill, schedule
     from safesteer.faults import workers_class
-    from safesteer.models import check_architecture, resolve_model_path
+    from safesteer.models import check_architecture, load_tokenizer, resolve_model_path
     from safesteer.report import table_rows, write_report
     from safesteer.schema import typed
     from safesteer.steer import Prepared, prepare
@@ -177,7 +184,7 @@ def _main(cfg) -> None:
     text_config = check_architecture(model_path, cfg.model.trust_remote_code)
     log.info("model: %s | run dir: %s", model_path, run_dir)
 
-    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tok = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
     train, prompt_ids, skipped = kept_prompts(
         cfg, tok, cfg.data.train, cfg.data.train_limit
     )  # bad data fails here
@@ -253,11 +260,16 @@ def _main(cfg) -> None:
             selector=selector,
         )
         blob = workers.export("float32")
+        adapter = workers.export_adapter() if cfg.learner.lora.r else None
         best = selector.best_weights()
         if best is not None and selector.best_step != len(steps):
             log.info(
                 "model selection: step %d of %d is exported and evaluated", selector.best_step, len(steps)
             )
+            if adapter:
+                log.warning("model selection: export/model holds step %d's merged weights; the LoRA "
+                            "adapter (the last step's) is not exported", selector.best_step)  # fmt: skip
+                adapter = None
             blob = best
             workers.load_rollout_weights(best)
         results["selected_step"] = selector.best_step or len(steps)
@@ -277,7 +289,9 @@ def _main(cfg) -> None:
             ray.shutdown()
     # evaluation reads the trained weights from the export, so it is written for either stage
     t0 = time.perf_counter()
-    exported = export_model(run_dir, model_path, blob, prepared) if "export" in stages or evaluate else None
+    exported = (
+        export_model(run_dir, model_path, blob, prepared, adapter) if "export" in stages or evaluate else None
+    )
     timings["export"] = time.perf_counter() - t0
     if evaluate:
         t0 = time.perf_counter()

@@ -42,11 +42,12 @@ class SteeringConfig:
     n_train: int = option(ge=1)
     n_val: int = option(ge=1)
     layers: list[int] | None = option()
-    prune_fraction: float = option(fraction="[)")
+    depth: list[float] = option(default=[])
     max_kl: float | None = option()
     min_steering_score: float | None = option()
     top_candidates: int = option(ge=1)
     coeffs: list[float] = option(default=[])
+    coeff_unit: str = option(choices=search.COEFF_UNITS)
     max_new_tokens: int = option(ge=1)
     max_degenerate: float = option(fraction="[]")
     max_benign_refusal: float = option(fraction="[]")
@@ -59,6 +60,9 @@ class SteeringConfig:
         require(ok, "steering.methods", sm, f"choose from {', '.join(search.METHODS)}")
         coeffs = list(cfg.steering.coeffs)
         require(len(coeffs) > 0, "steering.coeffs", coeffs, "needs at least one coefficient")
+        d = list(cfg.steering.depth)
+        ok = len(d) == 2 and 0 <= d[0] < d[1] <= 1
+        require(ok, "steering.depth", d, "must be [lo, hi], fractions of depth with 0 <= lo < hi <= 1")
 
 
 @dataclass
@@ -148,7 +152,13 @@ def cache_key(cfg, model_path: str) -> str:
             "data": _data_fingerprint(cfg),
             "seed": cfg.seed,
             "judge": judge.VERSION,
-            "version": 1,
+            "version": 2,  # 2: zero candidates skipped by the reference selection
+            # the prompts' template arguments (absent when none: earlier caches stay valid)
+            **(
+                {"chat": OmegaConf.to_container(cfg.model.chat_template_kwargs)}
+                if cfg.model.chat_template_kwargs
+                else {}
+            ),
         },
         sort_keys=True,
     )
@@ -191,10 +201,17 @@ def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, d
     val_h = _instructions(cfg.data.val_harmful, sc.n_val, seed)
     val_b = _instructions(cfg.data.val_harmless, sc.n_val, seed)
     n_layers = len(model.model.layers)
-    layers = list(sc.layers) if sc.layers is not None else search.allowed_layers(n_layers, sc.prune_fraction)
+    layers = list(sc.layers) if sc.layers is not None else search.depth_layers(n_layers, sc.depth)
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise SafeSteerError(f"steering.layers={bad}: out of range for a {n_layers}-layer model")
+    if not layers:
+        raise SafeSteerError(
+            f"steering.depth={list(sc.depth)}: no layer of a {n_layers}-layer model in that range"
+        )
+    norms = None
+    if sc.coeff_unit == "residual":  # coefficients as fractions of the residual stream's norm
+        norms = search.residual_norms(model, tok, chat_texts(tok, harmful + harmless), sc.batch_size)
     candidates: list[tuple[str, search.CandidateScore, torch.Tensor]] = []
     all_scores: dict[str, list[dict]] = {}
     for method in sc.methods:
@@ -228,7 +245,9 @@ def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, d
                 model,
                 tok,
                 [(s.layer, s.position, v)],
-                sc.coeffs,
+                search.absolute_coeffs(
+                    sc.coeffs, sc.coeff_unit, v, None if norms is None else norms[s.layer]
+                ),
                 val_h,
                 val_b,
                 sc.max_new_tokens,
@@ -259,6 +278,7 @@ def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, d
     )
     report = {
         "chosen": {"method": method, **asdict(best)},
+        **({"residual_norms": norms.tolist()} if norms is not None else {}),
         "trials": [{"method": m, **asdict(t)} for m, t in trials],
         "reference_scores": all_scores,
     }
@@ -284,7 +304,7 @@ def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
         return Prepared(out_dir / VECTOR_FILE if needs_vector else None, out_dir / TOKENS_FILE, report)
 
     torch.manual_seed(cfg.seed)
-    model, tok = load_hf(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
+    model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
     if torch.cuda.is_available():
         model.cuda()
     hidden, n_layers = model.config.get_text_config().hidden_size, len(model.model.layers)
@@ -357,7 +377,7 @@ def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_n
     training and from the direction prompts, so the teacher's ceiling can be read beside the
     student's results.
     """
-    model, tok = load_hf(model_path, dtype="float32", trust_remote_code=cfg.model.trust_remote_code)
+    model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
     sv = S.load_vector(prepared.vector_path) if prepared.vector_path else None
     extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
     teacher = S.Teacher(

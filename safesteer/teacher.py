@@ -39,7 +39,7 @@ from safesteer.core.steering import (
 )
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
-from safesteer.models import decoder_layers, load_hf
+from safesteer.models import ModelConfig, decoder_layers, load_hf, load_tokenizer
 from safesteer.rollout import CPU_ENV, RolloutConfig, engine_kwargs
 from safesteer.schema import option, require
 
@@ -186,10 +186,12 @@ class TeacherWorker:
         vector_blob: bytes | None,
         tokens: SafetyTokens | None,
         output: str,
-        trust_remote_code: bool = False,
+        model: ModelConfig,
     ):
         configure_threads(cfg.threads)
-        self.model, self.tok = load_hf(model_path, dtype="float32", trust_remote_code=trust_remote_code)
+        self.model, self.tok = load_hf(
+            model_path, "float32", model.trust_remote_code, model.chat_template_kwargs
+        )
         if torch.cuda.is_available():
             self.model.cuda()
         self.teacher = make_teacher(cfg, vector_blob)
@@ -326,7 +328,7 @@ class VLLMTeacherWorker:
         vector_blob: bytes | None,
         tokens: SafetyTokens | None,
         output: str,
-        trust_remote_code: bool,
+        model: ModelConfig,
         engine: RolloutConfig,
         dtype: str,
         seed: int,
@@ -344,12 +346,11 @@ class VLLMTeacherWorker:
             os.environ.update(CPU_ENV)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gb))
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
-        from transformers import AutoTokenizer
         from vllm import LLM
 
         self.cfg, self.tokens, self.teacher = cfg, tokens, make_teacher(cfg, vector_blob)
-        self.tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        kw = engine_kwargs(model_path, engine, dtype, seed, device, trust_remote_code)
+        self.tok = load_tokenizer(model_path, model.trust_remote_code, model.chat_template_kwargs)
+        kw = engine_kwargs(model_path, engine, dtype, seed, device, model.trust_remote_code)
         kw.pop("weight_transfer_config", None)
         system = len(self.tok(self.teacher.system_prompt)["input_ids"]) if cfg.kind == "system_prompt" else 0
         kw.update(

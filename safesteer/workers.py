@@ -154,7 +154,7 @@ class Workers:
             )
         output = OUTPUT_FOR_LOSS[cfg.learner.loss]
         tcfg = typed(cfg.teacher)
-        args = (self.model_path, tcfg, self.vector_blob, self.tokens, output, trust)
+        args = (self.model_path, tcfg, self.vector_blob, self.tokens, output, typed(cfg.model))
         if tcfg.backend == "vllm":  # an engine sized like the rollout engine's
             engine = (typed(cfg.rollout), self.dtype, cfg.seed, self.device)
             return spawn(VLLMTeacherWorker, self.pg, bundle, role, *args, *engine)
@@ -366,6 +366,10 @@ class Workers:
 
     def export(self, dtype: str = "bfloat16") -> bytes:
         return self._learners_get([w.export_weights.remote(dtype) for w in self.learners])[0]
+
+    def export_adapter(self) -> dict[str, bytes] | None:
+        """The LoRA adapter's files (``learner.lora.r > 0``), else None."""
+        return self._learners_get([w.export_adapter.remote() for w in self.learners])[0]
 
     def save_checkpoint(self, directory: Path) -> None:
         self._learners_get([w.save_state.remote(str(directory)) for w in self.learners])

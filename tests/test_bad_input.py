@@ -122,6 +122,56 @@ def test_steering_vector_width_does_not_match_the_model(tmp_path):
     refused(p, tmp_path / "run", str(vec), "width 32", "hidden size is 64")
 
 
+def test_steering_vector_built_for_a_deeper_model(tmp_path):
+    import torch
+
+    from safesteer.core.steering import SteeringVector, save_vector
+
+    vec = tmp_path / "deep.safetensors"
+    save_vector(SteeringVector(vector=torch.ones(64), layer=20, coeff=1.0, method="contrastive"), vec)
+    p = run(tmp_path / "run", f"steering.vector={vec}")
+    refused(p, tmp_path / "run", str(vec), "steering layer 20", "4-layer model")
+
+
+def test_a_model_without_a_chat_template(tmp_path, tiny_model_dir):
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain)
+    cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for extra in plain.glob("chat_template.*"):
+        extra.unlink()
+    p = run(tmp_path / "run", f"model.path={plain}")
+    refused(p, tmp_path / "run", f"model.path={plain}", "no chat template")
+
+
+def test_export_that_would_drop_an_untied_head_is_refused(tmp_path):
+    """An untied model's weights without ``lm_head.weight`` (as a learner that took the model for
+    tied would send them) are refused by the export, and one that claims a tie its class does not
+    make is refused before anything runs."""
+    from safetensors.torch import save
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from safesteer.errors import SafeSteerError
+    from safesteer.models import check_architecture, check_export, prepare_default_model, tiny_llama_config
+
+    tok = AutoTokenizer.from_pretrained(prepare_default_model())
+    cfg = tiny_llama_config(tok, num_hidden_layers=2)
+    cfg.tie_word_embeddings = False
+    model = LlamaForCausalLM(cfg)
+    path = tmp_path / "untied"
+    model.save_pretrained(path)
+    state = model.state_dict()
+    check_export(str(path), save({k: v.contiguous() for k, v in state.items()}))  # complete: accepted
+    state.pop("lm_head.weight")
+    with pytest.raises(SafeSteerError, match="lack lm_head.weight; the export would drop them") as e:
+        check_export(str(path), save({k: v.contiguous() for k, v in state.items()}))
+    assert "\n" not in str(e.value)
+    assert check_architecture(str(path)).tie_word_embeddings is False
+
+
 # -- where things are written ------------------------------------------------------------------------
 
 

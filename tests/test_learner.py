@@ -59,3 +59,46 @@ def test_the_chunked_head_loss_equals_the_full_logits_loss(tiny, mode: str) -> N
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     probs = torch.softmax(logits.detach().float(), -1)[..., ids].sum(-1)
     assert mass.item() == pytest.approx((probs * completion).sum().item() / completion.sum().item(), rel=1e-4)
+
+
+def test_lora_weights_merge_like_peft(tiny_model_dir) -> None:
+    """merged_state (what the engines load and the export writes) equals peft's own merge, and the
+    LoRA model's forward equals the plain model's forward with the merged weights."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from safesteer.core.lora import merged_state
+    from safesteer.learner import LoraSettings, add_lora
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = copy.deepcopy(base)
+    settings = LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    peft_model = add_lora(model, settings)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)  # only the adapters train
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # peft starts B at zero: make the adapter do something
+    merged = merged_state(model.state_dict(), settings.alpha / settings.r)
+    assert set(merged) == set(base.state_dict())
+    reference = peft_model.merge_and_unload().state_dict()
+    for k, v in reference.items():
+        torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=0)
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"],
+        base.state_dict()["model.layers.0.self_attn.q_proj.weight"],
+    )
+
+
+def test_lora_target_modules_the_model_lacks_are_named(tiny_model_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from safesteer.errors import SafeSteerError
+    from safesteer.learner import LoraSettings, add_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(SafeSteerError, match=r"learner.lora.target_modules=\['c_attn'\]"):
+        add_lora(model, LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=["c_attn"]))

@@ -24,14 +24,17 @@ from safesteer.core.search import (
     REFUSING_PREFIXES,
     CandidateScore,
     SteeringTrial,
-    allowed_layers,
+    absolute_coeffs,
     best_trial,
     contrastive_candidates,
+    depth_layers,
     diff_in_means_candidates,
     last_logprobs,
     reference_filter,
+    reference_scores,
     refusal_score_from_logprobs,
     refusal_token_ids,
+    residual_norms,
 )
 from safesteer.core.steering import (
     SAFETY_SYSTEM_PROMPT,
@@ -425,10 +428,26 @@ def test_reference_filter_drops_and_sorts() -> None:
     assert [s.layer for s in reference_filter(scores, max_kl=1.0)] == [1, 3, 0, 4]
 
 
-def test_allowed_layers() -> None:
-    assert allowed_layers(30) == list(range(24))
-    assert allowed_layers(6) == list(range(4))
-    assert allowed_layers(10, prune_fraction=0.0) == list(range(10))
+def test_depth_layers_are_fractions_of_depth() -> None:
+    assert depth_layers(30) == list(range(24))  # the reference: all but the last 20%
+    assert depth_layers(6) == list(range(4))
+    assert depth_layers(10, (0.0, 1.0)) == list(range(10))
+    # the default contrastive range is layers 12-15 of SmolLM2's 30, and scales with depth
+    assert depth_layers(30, (0.4, 0.55)) == [12, 13, 14, 15]
+    assert depth_layers(36, (0.4, 0.55)) == [15, 16, 17, 18]
+    assert depth_layers(28, (0.4, 0.55)) == [12, 13, 14]
+    assert depth_layers(4, (0.4, 0.55)) == []  # too shallow for that range: search_vector says so
+
+
+def test_coefficients_in_residual_units_scale_with_the_stream() -> None:
+    v = torch.tensor([3.0, 4.0])  # norm 5
+    assert absolute_coeffs([0.4, 1.0], "vector", v) == [0.4, 1.0]
+    got = absolute_coeffs([0.1, 0.2], "residual", v, residual_norm=50.0)
+    assert got == pytest.approx([1.0, 2.0])  # ||c * v|| = 0.1 * 50 and 0.2 * 50
+    for c, a in zip([0.1, 0.2], got):
+        assert float((a * v).norm()) == pytest.approx(c * 50.0)
+    with pytest.raises(SafeSteerError, match="steering.coeff_unit=raw"):
+        absolute_coeffs([1.0], "raw", v)
 
 
 def _trial(coeff, score, ben, deg, layer=1):
@@ -610,3 +629,26 @@ def test_prompt_positions_and_bad_mode(tiny) -> None:
     with pytest.raises(SafeSteerError, match="teacher.positions=middle"):
         with steering(model, 1, _vec(model), 1.0, "middle"):
             pass
+
+
+def test_zero_candidates_are_not_scored(tiny) -> None:
+    """Difference-in-means at block 0 and the template's own tokens is exactly zero (the same
+    embeddings for every prompt); it cannot steer, so the reference selection never ranks it."""
+    model, tok = tiny
+    cands = diff_in_means_candidates(model, tok, HARMFUL, HARMLESS)
+    assert float(cands[0].norm()) < 1e-6 * float(cands[1].norm())  # zero up to rounding
+    scores = reference_scores(model, tok, cands, HARMFUL[:1], HARMLESS[:1], layers=[0, 1])
+    assert {s.layer for s in scores} == {1}
+    assert len(scores) == cands.shape[1]
+
+
+def test_residual_norms_are_the_block_inputs_norms(tiny) -> None:
+    model, tok = tiny
+    texts = chat_texts(tok, HARMFUL[:2])
+    norms = residual_norms(model, tok, texts, batch_size=1)
+    assert norms.shape == (model.config.num_hidden_layers,)
+    ids = tok(texts[0], return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    one = residual_norms(model, tok, texts[:1])
+    torch.testing.assert_close(one, torch.stack([h[0, -1].norm() for h in hs[:-1]]), atol=1e-4, rtol=1e-4)

@@ -157,7 +157,7 @@ def test_a_teacher_that_cannot_start_is_reported_in_one_line(tiny_model_dir):
     ray.init(num_cpus=1, include_dashboard=False, address="local", logging_level="ERROR")
     try:
         actor = ray.remote(VLLMTeacherWorker).options(num_cpus=0).remote(
-            str(tiny_model_dir), typed(cfg.teacher), None, tokens, "topk", False,
+            str(tiny_model_dir), typed(cfg.teacher), None, tokens, "topk", typed(cfg.model),
             typed(cfg.rollout), "float32", 0, "cpu",
         )  # fmt: skip
         try:

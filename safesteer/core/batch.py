@@ -11,11 +11,17 @@ from collections.abc import Sequence
 
 import torch
 
+from safesteer.core.generation import reasoning_length
+
 
 def collate(
-    prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    pad_id: int,
+    skip: Sequence[int] | None = None,
 ) -> dict:
-    """Pack sequences: ``input_ids``/``attention_mask`` (B,L), ``completion_mask`` (B,L-1) and lengths (B,)."""
+    """Pack sequences: ``input_ids``/``attention_mask`` (B,L), ``completion_mask`` (B,L-1) and lengths (B,).
+    ``skip[b]`` leading completion tokens of sequence ``b`` (a reasoning block) stay out of the mask."""
     if len(prompt_ids) != len(completion_ids):
         raise ValueError("prompt_ids and completion_ids differ in length")
     lens = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
@@ -27,7 +33,7 @@ def collate(
         seq = list(p) + list(c)
         input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[b, : len(seq)] = 1
-        completion_mask[b, len(p) - 1 : len(seq) - 1] = 1.0
+        completion_mask[b, len(p) - 1 + (skip[b] if skip else 0) : len(seq) - 1] = 1.0
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -115,11 +121,15 @@ def assemble(
     teacher: dict,
     pad_id: int,
     anchor_weight: float,
+    think: tuple[int, int] | None = None,
 ) -> dict:
     """One training batch: the packed sequences (:func:`collate`), the teacher's completion-aligned
     outputs moved to sequence positions, and per-sequence ``anchor`` flags and loss ``weight``
-    (training prompts, which the teacher steered, weigh 1; harmless anchors ``anchor_weight``)."""
-    batch = collate(prompt_ids, completion_ids, pad_id)
+    (training prompts, which the teacher steered, weigh 1; harmless anchors ``anchor_weight``).
+    With ``think`` (the ``<think>``/``</think>`` ids) a completion's reasoning block is not trained:
+    the loss sees the answer only."""
+    skip = [reasoning_length(c, think) for c in completion_ids] if think else None
+    batch = collate(prompt_ids, completion_ids, pad_id, skip)
     batch["anchor"] = torch.tensor([0.0 if s else 1.0 for s in steered])
     batch["weight"] = torch.tensor([1.0 if s else anchor_weight for s in steered])
     L = batch["input_ids"].shape[1]

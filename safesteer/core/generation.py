@@ -11,16 +11,40 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+TEMPLATE_KWARGS = "safesteer_chat_template_kwargs"
+
 
 def chat_texts(tok, instructions: Sequence[str], system: str | None = None) -> list[str]:
-    """Instructions formatted with the chat template, ending at the assistant's turn."""
+    """Instructions formatted with the chat template, ending at the assistant's turn; with the
+    template arguments (``model.chat_template_kwargs``) :func:`safesteer.models.load_tokenizer` gave
+    the tokenizer."""
+    kwargs = getattr(tok, TEMPLATE_KWARGS, {})
     out = []
     for ins in instructions:
         msgs = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": ins}
         ]
-        out.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        out.append(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs))
     return out
+
+
+def reasoning_ids(tok) -> tuple[int, int] | None:
+    """The ids of ``<think>`` and ``</think>`` when the tokenizer has them as single tokens (Qwen3)."""
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<think>", "</think>")]
+    if any(i is None or i == tok.unk_token_id for i in ids):
+        return None
+    return ids[0], ids[1]
+
+
+def reasoning_length(completion: Sequence[int], think: tuple[int, int] | None) -> int:
+    """How many leading tokens of ``completion`` are a ``<think>...</think>`` block (0 when it does not
+    open with one; all of it when the block never closes): thinking, not the answer."""
+    if think is None or not completion or completion[0] != think[0]:
+        return 0
+    try:
+        return list(completion).index(think[1]) + 1
+    except ValueError:
+        return len(completion)
 
 
 def post_instruction_tokens(tok) -> list[int]:

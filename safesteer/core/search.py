@@ -139,15 +139,25 @@ def reference_scores(
     batch_size: int = 16,
     progress=None,
 ) -> list[CandidateScore]:
-    """The reference selection scores for every candidate (L,P,D) at ``layers`` (all if None)."""
+    """The reference selection scores for every candidate (L,P,D) at ``layers`` (all if None).
+
+    A zero candidate (up to rounding) is skipped: it cannot steer, and the reference scores cannot rank it (its
+    ablation and addition change nothing). Difference-in-means candidates at block 0 are zero at the
+    chat template's own tokens, whose embeddings are the same for every prompt.
+    """
     rid = refusal_token_ids(tok)
     harmful_t, harmless_t = chat_texts(tok, harmful_val), chat_texts(tok, harmless_val)
     base_harmless = last_logprobs(model, tok, harmless_t, batch_size)
     L, P, _ = candidates.shape
+    tiny = 1e-6 * float(candidates.norm(dim=-1).max())
     out = []
     for layer in layers if layers is not None else range(L):
         for p in range(P):
             r = candidates[layer, p]
+            if float(r.norm()) <= tiny:
+                if progress is not None:
+                    progress.update(1)
+                continue
             with ablation(model, r):
                 abl_refusal = refusal_score_from_logprobs(
                     last_logprobs(model, tok, harmful_t, batch_size), rid
@@ -164,9 +174,39 @@ def reference_scores(
     return out
 
 
-def allowed_layers(num_layers: int, prune_fraction: float = 0.2) -> list[int]:
-    """Layers outside the last ``prune_fraction`` of depth (the reference drops the last 20%)."""
-    return list(range(int(num_layers * (1 - prune_fraction))))
+def depth_layers(num_layers: int, depth: Sequence[float] = (0.0, 0.8)) -> list[int]:
+    """The layers ``l`` with ``lo <= l / num_layers < hi`` for ``depth = (lo, hi)``, fractions of depth:
+    one setting for any depth. The reference, (0, 0.8), drops the last 20% of the layers."""
+    lo, hi = depth
+    return list(range(math.ceil(lo * num_layers - 1e-9), math.floor(hi * num_layers + 1e-9)))
+
+
+COEFF_UNITS = ("vector", "residual")
+
+
+def absolute_coeffs(
+    coeffs: Sequence[float], unit: str, vector: torch.Tensor, residual_norm: float | None = None
+) -> list[float]:
+    """The multipliers of ``vector`` that ``coeffs`` mean: as given (``vector``: ``c * r``), or as
+    fractions of the residual stream's norm at the vector's layer (``residual``: the added vector has
+    norm ``c * residual_norm``), so that one setting means the same push on any model."""
+    if unit == "vector":
+        return [float(c) for c in coeffs]
+    if unit == "residual":
+        scale = float(residual_norm) / float(vector.norm())
+        return [float(c) * scale for c in coeffs]
+    raise SafeSteerError(f"steering.coeff_unit={unit}: choose one of {', '.join(COEFF_UNITS)}")
+
+
+@torch.no_grad()
+def residual_norms(model, tok, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """Mean norm of each block's input (the residual stream) at the last token of ``texts``: (L,)."""
+    total = None
+    for chunk in batches(texts, batch_size):
+        hs = model(**encode(tok, chunk, model.device), output_hidden_states=True).hidden_states
+        norms = torch.stack([h[:, -1, :].float().norm(dim=-1) for h in hs[:-1]], dim=1).sum(0)  # (L,)
+        total = norms if total is None else total + norms
+    return (total / len(texts)).cpu()
 
 
 def reference_filter(

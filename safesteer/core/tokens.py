@@ -2,9 +2,9 @@
 
 On harmless prompts, the steered model samples S continuations of H-1 tokens; both models are then
 teacher-forced over the last H positions and Δ = log p_steered - log p_base (full vocabulary).
-Positions after the unsteered model's argmax reaches an end-of-turn token are masked; special
-tokens, tokens containing ``<|`` and tokens whose mean steered probability is below
-``min_steered_prob`` are banned. Ranking (``method``):
+Positions after the unsteered model's argmax reaches an end-of-turn token, and positions inside a
+reasoning block (``<think>...</think>``), are masked; special tokens, the reasoning markers, tokens
+containing ``<|`` and tokens whose mean steered probability is below ``min_steered_prob`` are banned. Ranking (``method``):
 
 - ``vote`` (reference): each valid (sample, position) votes for its top-``vote_top`` Δ tokens; keep
   the top K by votes, dropping zero-vote ones.
@@ -31,7 +31,13 @@ from pathlib import Path
 
 import torch
 
-from safesteer.core.generation import chat_texts, generate, stop_token_ids
+from safesteer.core.generation import (
+    chat_texts,
+    generate,
+    reasoning_ids,
+    reasoning_length,
+    stop_token_ids,
+)
 from safesteer.core.steering import Teacher
 from safesteer.errors import SafeSteerError
 
@@ -95,9 +101,9 @@ class SafetyTokens:
 
 
 def banned_ids(tok, vocab_size: int) -> torch.Tensor:
-    """Bool mask (V,): special tokens and any token whose text contains ``<|``."""
+    """Bool mask (V,): special tokens, the reasoning-block markers and any token whose text contains ``<|``."""
     banned = torch.zeros(vocab_size, dtype=torch.bool)
-    special = set(tok.all_special_ids)
+    special = set(tok.all_special_ids) | set(reasoning_ids(tok) or ())
     for tid, t in getattr(tok, "added_tokens_decoder", {}).items():
         if getattr(t, "special", False):
             special.add(tid)
@@ -193,6 +199,14 @@ def accumulate(
         is_eot = torch.isin(lp_b.argmax(-1).cpu(), eot)
         first = torch.where(is_eot.any(1), is_eot.float().argmax(1), torch.full_like(lens, horizon))
         valid &= h_idx.unsqueeze(0) <= first.unsqueeze(1)
+        # and positions inside a reasoning block (<think>...</think>): thinking is not the answer
+        think = reasoning_ids(tok)
+        if think is not None:
+            skip = [
+                reasoning_length(c, think) if think[1] in c or not c or c[0] != think[0] else horizon + 1
+                for c in comps
+            ]
+            valid &= h_idx.unsqueeze(0) >= torch.tensor(skip).unsqueeze(1)
         vs, vb = lp_s[valid.to(lp_s.device)].cpu(), lp_b[valid.to(lp_b.device)].cpu()  # (n,V)
         d = vs - vb
         ps, pb = vs.exp(), vb.exp()

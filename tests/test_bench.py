@@ -69,13 +69,13 @@ def test_summary_takes_medians_and_ratios_of_medians():
     runs = {
         "pipeline": [_run("pipeline", i, t, stage_fraction=frac) for i, t in enumerate((30.0, 10.0, 20.0))],
         "sequential": [_run("sequential", i, t) for i, t in enumerate((4.0, 5.0, 6.0))],
-        "trl": [_run("trl", 0, 8.0), {"system": "trl", "repeat": 1, "ok": False, "error": "boom"}],
+        "trl": [_run("trl", 0, 18.0), {"system": "trl", "repeat": 1, "ok": False, "error": "boom"}],
     }
     s = summarize(runs, {"measured_steps": 2})
     assert s["systems"]["pipeline"]["tokens_per_s"] == 20.0
     assert s["systems"]["sequential"]["tokens_per_s"] == 5.0
     assert s["systems"]["trl"]["runs_ok"] == 1 and s["systems"]["trl"]["errors"] == ["boom"]
-    assert s["ratios"] == {"pipeline/sequential": 4.0, "pipeline/trl": 2.5}
+    assert s["ratios"] == {"pipeline/sequential": 4.0, "pipeline/trl": 20.0 / 18.0}
     t = s["targets"]
     assert t["pipeline/sequential"]["met"] is True and t["pipeline/trl"]["met"] is False
     assert t["sync_fraction"]["met"] is True and t["overhead_fraction"]["met"] is False

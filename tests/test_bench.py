@@ -204,3 +204,11 @@ def test_bench_end_to_end_on_the_tiny_model(tmp_path):
         for step in run["steps"]:
             assert step["tokens"] >= prompts * samples and step["generate_s"] > 0, (name, step)
             assert step["train_s"] > 0, (name, step)
+
+
+def test_trl_distill_generates_with_hf_where_vllm_repacks_weights():
+    from safesteer.bench.trl_distill import vllm_sync_works
+
+    assert vllm_sync_works({"avx2", "avx512f", "fma"})
+    assert not vllm_sync_works({"avx2", "avx512f", "avx512_bf16"})
+    assert not vllm_sync_works({"avx2", "amx_bf16"})

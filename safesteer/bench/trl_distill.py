@@ -32,7 +32,9 @@ tiny model: after such a sync, vLLM's greedy completion is HF ``generate``'s wit
 That holds on this CPU because vLLM cannot build its oneDNN bf16 kernels here (no AVX-512 bf16: "Failed
 to create oneDNN linear, fallback to torch linear") and keeps plain weight tensors; on a CPU where it
 repacks them for oneDNN, ``load_weights`` cannot update them (:mod:`safesteer.rollout`; not tried
-here), and ``USE_VLLM = False`` gives HF ``generate`` instead. TRL's engine runs in the dtype of the
+here). On a CPU with AVX-512 bf16 or AMX, where it does repack a bf16 model's weights, TRL's sync
+fails (``'Parameter' object has no attribute 'weight_loader'``), so there the bench generates with HF
+``generate`` and says so in the log (:func:`vllm_sync_works`); ``USE_VLLM = False`` forces HF ``generate``. TRL's engine runs in the dtype of the
 model's config (TRL has no dtype option for it): bf16 for the bundled models, where the pipeline's
 rollout follows ``model.dtype`` (float32 on CPU by default).
 
@@ -49,6 +51,21 @@ from safesteer.bench.common import TrlWorkload, run_trl
 USE_VLLM = True
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return {x for line in f if line.startswith("flags") for x in line.split(":", 1)[1].split()}
+    except OSError:
+        return set()
+
+
+def vllm_sync_works(flags: set[str]) -> bool:
+    """Whether TRL's colocated engine can take the student's weights on this CPU: vLLM repacks the
+    weights for oneDNN where the CPU has AVX-512 bf16 or AMX (TRL's engine runs in the bf16 of the
+    bundled models' configs), and ``load_weights`` cannot update those."""
+    return not flags & {"avx512_bf16", "amx_bf16"}
+
+
 def build(w: TrlWorkload, args: dict):
     """DistillationTrainer (on-policy, beta=1) counting tokens and generation seconds, its config, the
     prompt-only dataset."""
@@ -56,7 +73,12 @@ def build(w: TrlWorkload, args: dict):
 
     r = w.cfg.rollout
     vllm = {}
-    if USE_VLLM:
+    use_vllm = USE_VLLM
+    if use_vllm and not torch.cuda.is_available() and not vllm_sync_works(cpu_flags()):
+        print("trl_distill: HF generate, not TRL's vLLM engine: vLLM repacks bf16 weights for oneDNN on "
+              "this CPU (AVX-512 bf16/AMX) and TRL's weight sync cannot update them", flush=True)  # fmt: skip
+        use_vllm = False
+    if use_vllm:
         vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=int(r.max_model_len))
         if not torch.cuda.is_available():  # before TRL imports vLLM
             from safesteer.rollout import CPU_ENV

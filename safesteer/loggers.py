@@ -91,7 +91,13 @@ class Wandb:
         self._run.log(scalars(row), step=step)
 
     def close(self) -> None:
+        import wandb
+
         self._run.finish()
+        # finish() only tells wandb's service process that the run is over; the service closes the
+        # run's .wandb file later. teardown() waits for the service to exit, so the file is complete
+        # when the run's stage ends (a `wandb sync` or a reader right after sees every record).
+        wandb.teardown()
 
 
 class MLflow:

@@ -196,6 +196,22 @@ def test_steered_logits_in_a_left_padded_batch_equal_the_prompt_alone(tiny) -> N
     torch.testing.assert_close(pad_logits, own, rtol=0, atol=1e-4)
 
 
+def test_generation_returns_the_prefill_logprobs_a_separate_forward_gives(tiny) -> None:
+    """The coefficient search scores refusal from generation's first step instead of a second forward."""
+    model, tok = tiny
+    texts = chat_texts(tok, ["Hi", HARMLESS[1], HARMFUL[0]])
+    v = _vec(model, seed=8, scale=3.0)
+    with steering(model, 2, v, 1.0):
+        first: list[torch.Tensor] = []
+        ids = generate(model, tok, texts, 4, batch_size=2, first_logprobs=first)
+        forward = last_logprobs(model, tok, texts, batch_size=2)
+        plain = generate(model, tok, texts, 4, batch_size=2)
+    assert [f.shape for f in first] == [(2, forward.shape[1]), (1, forward.shape[1])]
+    torch.testing.assert_close(torch.cat(first), forward, rtol=0, atol=1e-4)
+    assert ids == plain  # asking for the log-probs does not change the answers
+    assert [row[:1] for row in ids] == [[a] for a in forward.argmax(-1).tolist()]  # greedy's 1st token
+
+
 def test_steering_rejects_bad_layers_and_widths(tiny) -> None:
     model, _ = tiny
     L, D = model.config.num_hidden_layers, model.config.hidden_size
@@ -531,7 +547,6 @@ def test_anchor_teacher_is_the_original_model_or_the_vector_at_anchor_coeff(tiny
 # ------------------------------------------------------------------------------ the real model
 @pytest.mark.slow
 def test_contrastive_vector_raises_refusal_score_on_the_default_model(default_model_dir: Path) -> None:
-    from safesteer.core.search import refusal_score
     from safesteer.data import load_prompts
     from safesteer.models import load_hf
 
@@ -541,9 +556,13 @@ def test_contrastive_vector_raises_refusal_score_on_the_default_model(default_mo
     cand = contrastive_candidates(model, tok, train, batch_size=16)
     assert cand.shape == (model.config.num_hidden_layers, 1, model.config.hidden_size)
     rid = refusal_token_ids(tok)
-    base = refusal_score(model, tok, val, rid)
+
+    def refusal_score():
+        return refusal_score_from_logprobs(last_logprobs(model, tok, chat_texts(tok, val)), rid)
+
+    base = refusal_score()
     with steering(model, 14, cand[14, 0], 0.5):
-        steered = refusal_score(model, tok, val, rid)
+        steered = refusal_score()
     gain = (steered.mean() - base.mean()).item()
     assert gain > 1.0, f"refusal score {base.mean():.2f} -> {steered.mean():.2f}"
 

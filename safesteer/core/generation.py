@@ -90,10 +90,17 @@ def generate(
     top_p: float = 1.0,
     num_return_sequences: int = 1,
     batch_size: int = 16,
+    first_logprobs: list[torch.Tensor] | None = None,
 ) -> list[list[int]]:
-    """HF generation from chat-formatted texts; returns the new token ids (EOS and padding stripped)."""
+    """HF generation from chat-formatted texts; returns the new token ids (EOS and padding stripped).
+
+    With ``first_logprobs`` (a list), the float32 log-softmax of the first step's raw logits (the next
+    token after each prompt, from the prefill generation runs anyway) is appended to it, one (B, V)
+    tensor per batch: what a separate forward over the prompts would give (to float rounding).
+    """
     eos = stop_token_ids(model, tok)
     out: list[list[int]] = []
+    scored = first_logprobs is not None
     for chunk in batches(texts, batch_size):
         enc = encode(tok, chunk, model.device)
         enc.pop("position_ids")  # generate derives them from the attention mask
@@ -102,13 +109,18 @@ def generate(
             if do_sample
             else dict(do_sample=False)
         )
-        seqs = model.generate(
+        res = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
             num_return_sequences=num_return_sequences,
             pad_token_id=tok.pad_token_id,
             **kw,
-        )[:, enc["input_ids"].shape[1] :]
+            **(dict(output_logits=True, return_dict_in_generate=True) if scored else {}),
+        )
+        if scored:
+            first_logprobs.append(torch.log_softmax(res.logits[0].float(), -1))
+            res = res.sequences
+        seqs = res[:, enc["input_ids"].shape[1] :]
         for row in seqs.tolist():
             ids = []
             for t in row:
@@ -120,7 +132,19 @@ def generate(
 
 
 def generate_texts(
-    model, tok, instructions: Sequence[str], max_new_tokens: int, batch_size: int = 16
+    model,
+    tok,
+    instructions: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int = 16,
+    first_logprobs: list[torch.Tensor] | None = None,
 ) -> list[str]:
-    ids = generate(model, tok, chat_texts(tok, instructions), max_new_tokens, batch_size=batch_size)
+    ids = generate(
+        model,
+        tok,
+        chat_texts(tok, instructions),
+        max_new_tokens,
+        batch_size=batch_size,
+        first_logprobs=first_logprobs,
+    )
     return [tok.decode(x, skip_special_tokens=True) for x in ids]

@@ -102,7 +102,7 @@ def last_logprobs(model, tok, texts: Sequence[str], batch_size: int = 16) -> tor
     out = []
     for chunk in batches(texts, batch_size):
         enc = encode(tok, chunk, model.device)
-        logits = model(**enc).logits[:, -1, :].float()
+        logits = model(**enc, logits_to_keep=1).logits[:, -1, :].float()
         out.append(torch.log_softmax(logits, -1))
     return torch.cat(out)
 
@@ -111,13 +111,6 @@ def refusal_score_from_logprobs(logprobs: torch.Tensor, refusal_ids: Sequence[in
     """log p(R) - log(1 - p(R)) with p(R) the total probability of the refusal ids: (N,V) -> (N,)."""
     log_p = torch.logsumexp(logprobs[:, list(refusal_ids)], dim=-1)
     return log_p - torch.log1p(-log_p.exp().clamp(max=1 - 1e-7))
-
-
-def refusal_score(model, tok, instructions: Sequence[str], refusal_ids: Sequence[int], batch_size: int = 16):
-    """Refusal score at the last prompt position for each instruction: (N,)."""
-    return refusal_score_from_logprobs(
-        last_logprobs(model, tok, chat_texts(tok, instructions), batch_size), refusal_ids
-    )
 
 
 @dataclass
@@ -256,11 +249,13 @@ def coeff_search(
     trials = []
     for layer, pos, vec in candidates:
         for c in coeffs:
-            with steering(model, layer, vec, c):
-                harm = generate_texts(model, tok, harmful_val, max_new_tokens, batch_size)
-                ben = generate_texts(model, tok, harmless_val, max_new_tokens, batch_size)
-                hs = refusal_score(model, tok, harmful_val, rid, batch_size).mean().item()
-                bs = refusal_score(model, tok, harmless_val, rid, batch_size).mean().item()
+            with steering(model, layer, vec, c):  # the refusal scores come from generation's prefill
+                harm_lp: list[torch.Tensor] = []
+                ben_lp: list[torch.Tensor] = []
+                harm = generate_texts(model, tok, harmful_val, max_new_tokens, batch_size, harm_lp)
+                ben = generate_texts(model, tok, harmless_val, max_new_tokens, batch_size, ben_lp)
+            hs = refusal_score_from_logprobs(torch.cat(harm_lp), rid).mean().item()
+            bs = refusal_score_from_logprobs(torch.cat(ben_lp), rid).mean().item()
             rh, rb = judge_mod.rates(harm), judge_mod.rates(ben)
             deg = (rh["degenerate"] * rh["n"] + rb["degenerate"] * rb["n"]) / (rh["n"] + rb["n"])
             trials.append(

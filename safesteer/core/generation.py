@@ -95,8 +95,9 @@ def generate(
     """HF generation from chat-formatted texts; returns the new token ids (EOS and padding stripped).
 
     With ``first_logprobs`` (a list), the float32 log-softmax of the first step's raw logits (the next
-    token after each prompt, from the prefill generation runs anyway) is appended to it, one (B, V)
-    tensor per batch: what a separate forward over the prompts would give (to float rounding).
+    token after each prompt, from the prefill generation runs anyway) is appended to it, one
+    (B * num_return_sequences, V) tensor per batch: what a separate forward over the prompts would
+    give (to float rounding).
     """
     eos = stop_token_ids(model, tok)
     out: list[list[int]] = []

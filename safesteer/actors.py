@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from safesteer.errors import SafeSteerError
@@ -82,6 +83,22 @@ def _reachable(address: str, timeout_s: float) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(1)
+
+
+def cluster_check() -> Callable[[], bool]:
+    """A check of whether the connected Ray cluster's GCS still accepts connections."""
+    import ray
+
+    host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+
+    def alive() -> bool:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2):
+                return True
+        except OSError:
+            return False
+
+    return alive
 
 
 def connect(cluster: ClusterConfig, roles: list[Role], run_env: dict) -> None:

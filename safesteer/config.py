@@ -27,9 +27,13 @@ from safesteer.data import DataConfig
 from safesteer.driver import TrainerConfig
 from safesteer.errors import SafeSteerError, one_line
 from safesteer.eval import EvalConfig
+from safesteer.interrupts import STOP, exit_code
+from safesteer.interrupts import cause as interrupt_cause
+from safesteer.interrupts import message as stop_message
 from safesteer.learner import LearnerConfig
 from safesteer.metrics import LoggerConfig
 from safesteer.models import ModelConfig
+from safesteer.paths import RunLock, lock_holder
 from safesteer.rollout import RolloutConfig
 from safesteer.schema import check, group, option, require
 from safesteer.steer import ProbeConfig, SteeringConfig, TokensConfig
@@ -197,6 +201,21 @@ def _unwritable_output_dir(argv: list[str]) -> str | None:
     return None
 
 
+def _locked_output_dir(argv: list[str]) -> str | None:
+    """A run directory given with ``hydra.run.dir`` that another run holds is refused before Hydra
+    writes its own files into it."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if not given or "${" in given[-1] or any(a in ("-m", "--multirun") for a in argv):
+        return None
+    holder = lock_holder(Path(given[-1]))
+    if holder is None:
+        return None
+    return (
+        f"{given[-1]}: run directory in use by another run ({holder}); wait for it to end, stop it, "
+        "or choose another hydra.run.dir"
+    )
+
+
 def _remove_if_only_bookkeeping(run_dir: Path) -> None:
     """A run refused at validation leaves no directory behind when Hydra's own files (``.hydra/`` and an
     empty job log) are all it holds; a directory with anything else in it is left exactly as it was."""
@@ -253,7 +272,12 @@ def hydra_entry(fn: Callable, config_name: str = "config") -> None:
         )
         sys.exit(2)
 
-    problem = _precheck(sys.argv[1:], config_name) or _unwritable_output_dir(sys.argv[1:])
+    STOP.install()
+    problem = (
+        _precheck(sys.argv[1:], config_name)
+        or _unwritable_output_dir(sys.argv[1:])
+        or _locked_output_dir(sys.argv[1:])
+    )
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
@@ -261,17 +285,29 @@ def hydra_entry(fn: Callable, config_name: str = "config") -> None:
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=None)
     def _app(cfg) -> None:
         debug = bool(cfg.get("debug", False)) or bool(os.environ.get("SAFESTEER_DEBUG"))
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        STOP.run_dir = str(run_dir)
+        lock = RunLock(run_dir)
         try:
             try:
                 validate(cfg)
             except SafeSteerError:
-                _remove_if_only_bookkeeping(Path(HydraConfig.get().runtime.output_dir))
+                _remove_if_only_bookkeeping(run_dir)
                 raise
+            lock.acquire()
             fn(cfg)
         except (SafeSteerError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
             if debug:
                 raise
             print(f"error: {one_line(e)}", file=sys.stderr)
             sys.exit(2)
+        except BaseException as e:  # a stop signal, possibly wrapped by the C extension it interrupted
+            stop = interrupt_cause(e)
+            if stop is None or isinstance(e, SystemExit):
+                raise
+            print(stop_message(stop, str(run_dir)), file=sys.stderr, flush=True)
+            sys.exit(exit_code(stop.signum))
+        finally:
+            lock.release()
 
     _app()

@@ -30,6 +30,7 @@ from safesteer import checkpoint
 from safesteer.core.batch import assemble
 from safesteer.core.generation import reasoning_ids
 from safesteer.errors import SafeSteerError
+from safesteer.interrupts import STOP
 from safesteer.metrics import MetricsLog, Stopwatch, step_row
 from safesteer.schema import group, option, require
 from safesteer.select import SelectConfig
@@ -131,7 +132,7 @@ class Checkpoints:
     def latest(self) -> checkpoint.Checkpoint | None:
         return checkpoint.latest(self.root)
 
-    def save(self, workers: Workers, n: int, history: list[dict]) -> None:
+    def save(self, workers: Workers, n: int, history: list[dict]) -> Path:
         names = [Path(f).name if f is not None else None for f in self.keep_files]
         state = {
             **self.extra_state,
@@ -143,6 +144,12 @@ class Checkpoints:
         keep = self.cfg.trainer.keep_checkpoints
         path = checkpoint.save(self.root, n, workers.save_checkpoint, state, self.keep_files, keep)
         log.info("checkpoint: %s", path)
+        return path
+
+    def at(self, workers: Workers, n: int, history: list[dict]) -> Path:
+        """A checkpoint of step ``n``: the newest one when it is that step, else a new one."""
+        newest = self.latest()
+        return newest.path if newest is not None and newest.step == n else self.save(workers, n, history)
 
     def restore(self, workers: Workers, ck: checkpoint.Checkpoint | None) -> tuple[int, list[dict]]:
         """Learners (and then rollout workers) at checkpoint ``ck``'s state, or at the start."""
@@ -192,6 +199,8 @@ def distill(
             try:
                 return train(cfg, workers, tok, prompts, plan, ckpts, logger, selector, start, restarts)
             except LearnerFailure as e:
+                if STOP.settle():  # the ranks died of the signal that stops the run
+                    raise STOP.interrupted() from None
                 restarts += 1
                 start = ckpts.latest()
                 where = start.path if start else "the initial weights"
@@ -227,7 +236,7 @@ def train(cfg, workers, tok, prompts: Prompts, plan, ckpts, logger, selector, st
         return workers.generate(i + 1, ids, sample_seeds(cfg.seed, i, plan[i], k))
 
     pending, bad = None, 0
-    with tqdm(total=total, initial=n, desc="distill", unit="step") as bar:
+    with tqdm(total=total, initial=n, desc="distill", unit="step") as bar, STOP.deferred():
         while n < total:
             watch, workers.recovered = Stopwatch(), 0
             seqs = [j for j in plan[n] for _ in range(k)]
@@ -279,6 +288,8 @@ def train(cfg, workers, tok, prompts: Prompts, plan, ckpts, logger, selector, st
                 check_bad_steps(n, bad, t.max_bad_steps, ckpts)
             elif t.checkpoint_every and (n % t.checkpoint_every == 0 or n == total):
                 ckpts.save(workers, n, history)
+            if STOP.requested():  # Ctrl-C or SIGTERM during this step: it ends with a checkpoint
+                raise STOP.interrupted(saved=str(ckpts.at(workers, n, history)))
     return history
 
 

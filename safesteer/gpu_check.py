@@ -71,7 +71,7 @@ def model_dir(model: str) -> str:
         out = cache_dir() / "models" / gguf.stem.lower()
         if out.is_dir() and verify_checkpoint(out) is None:
             return str(out)
-        return str(convert_gguf(gguf, out))
+        return str(convert_gguf(gguf, out, replace=out.is_dir()))
     return resolve_model_path(model)
 
 

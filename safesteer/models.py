@@ -94,8 +94,9 @@ def verify_checkpoint(directory: Path) -> str | None:
     return None
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
-    """Convert a GGUF model to a plain HF checkpoint in ``out_dir`` (atomically).
+def convert_gguf(gguf_file: Path, out_dir: Path, replace: bool = False) -> Path:
+    """Convert a GGUF model to a plain HF checkpoint in ``out_dir`` (atomically). An ``out_dir`` that
+    another process completed meanwhile is kept, unless ``replace`` (a broken entry is rebuilt).
 
     The weights are dequantised by transformers' GGUF loader and saved as float32 safetensors,
     together with the tokenizer and its chat template. The result loads in transformers and vLLM.
@@ -119,7 +120,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, keep_existing=not replace) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _write_manifest(tmp, source=str(gguf_file))
@@ -134,7 +135,7 @@ def prepare_default_model(force: bool = False) -> Path:
         if reason is None:
             return out
         log.warning("rebuilding %s: %s", out, reason)
-    return convert_gguf(default_gguf_path(), out)
+    return convert_gguf(default_gguf_path(), out, replace=out.is_dir())
 
 
 def tiny_config_kwargs(tok, num_hidden_layers: int = 4, tied: bool = True) -> dict:
@@ -178,7 +179,7 @@ def prepare_tiny_model() -> Path:
     cfg = tiny_llama_config(tok)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, keep_existing=not out.is_dir()) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         _write_manifest(tmp, source="random init, seed 0")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from safesteer.errors import SafeSteerError
+from safesteer.interrupts import STOP
 from safesteer.paths import atomic_dir, atomic_write_json, atomic_write_text
 
 log = logging.getLogger("safesteer")
@@ -128,6 +129,23 @@ def original_validation(cfg, model_path: str, selector, workers, tok) -> dict:
     return scores
 
 
+def resumed_artifacts(resume, run_dir: Path):
+    """The steering vector and safety tokens a checkpoint carries, copied into the run directory: later
+    checkpoints copy them from there, and pruning may remove the checkpoint they came from."""
+    from safesteer.paths import atomic_write_bytes
+    from safesteer.steer import Prepared
+
+    files = resume.state.get("files", {})
+    paths = []
+    for key in ("vector", "tokens"):
+        src = resume.file(files.get(key))
+        dst = run_dir / src.name if src is not None else None
+        if src is not None and src.resolve() != dst.resolve():
+            atomic_write_bytes(dst, src.read_bytes())
+        paths.append(dst)
+    return Prepared(paths[0], paths[1], resume.state.get("prepare", {}))
+
+
 def export_model(run_dir: Path, model_path: str, blob: bytes, prepared, adapter: dict | None = None) -> Path:
     """The trained student as an HF directory (safetensors, tokenizer, chat template), plus the teacher
     artifacts and, when LoRA trained, the adapter as peft writes it (``export/adapter``)."""
@@ -163,7 +181,7 @@ def _main(cfg) -> None:
 
     from safesteer import checkpoint
     from safesteer import eval as ev
-    from safesteer.actors import connect
+    from safesteer.actors import cluster_check, connect
     from safesteer.core.steering import load_vector
     from safesteer.core.tokens import SafetyTokens
     from safesteer.driver import distill, schedule
@@ -195,14 +213,10 @@ def _main(cfg) -> None:
     stages = list(cfg.stages)
     resume = checkpoint.resolve(cfg.trainer.resume, run_dir) if "distill" in stages else None
     if resume is not None:  # the checkpoint carries the teacher artifacts the run trained with
-        files = resume.state.get("files", {})
-        prepared = Prepared(
-            resume.file(files.get("vector")),
-            resume.file(files.get("tokens")),
-            resume.state.get("prepare", {}),
-        )
+        prepared = resumed_artifacts(resume, run_dir)
         log.info("resuming from %s (step %d)", resume.path, resume.step)
     elif "prepare" in stages:
+        STOP.at("prepare")
         t0 = time.perf_counter()
         prepared = prepare(cfg, run_dir, model_path)
         timings["prepare" + (" (cached)" if "cache" in prepared.report else "")] = time.perf_counter() - t0
@@ -222,15 +236,20 @@ def _main(cfg) -> None:
         return
 
     t0 = time.perf_counter()
-    connect(typed(cfg.cluster), roles(cfg), {"TOKENIZERS_PARALLELISM": "false"})
+    STOP.at("start of the actors")
     vector_blob = prepared.vector_path.read_bytes() if prepared.vector_path else None
-    workers = workers_class()(cfg, model_path, vector_blob, st, len(steps), device())
-    workers.wait_ready()
     results: dict = {"tag": cfg.tag, "skipped_prompts": skipped, "steps": len(steps)}
-    timings["start actors"] = time.perf_counter() - t0
     evaluate = "evaluate" in stages and cfg.eval.enabled
+    workers = None
     try:
+        connect(typed(cfg.cluster), roles(cfg), {"TOKENIZERS_PARALLELISM": "false"})
+        STOP.install()  # ray.init puts in handlers of its own (a stack dump on SIGTERM)
+        STOP.watch(cluster_check())
+        workers = workers_class()(cfg, model_path, vector_blob, st, len(steps), device())
+        workers.wait_ready()
+        timings["start actors"] = time.perf_counter() - t0
         if evaluate:
+            STOP.at("evaluation of the original model")
             t0 = time.perf_counter()
             sets = ev.eval_sets(cfg)
             before_ids = ev.original_answers(
@@ -241,6 +260,7 @@ def _main(cfg) -> None:
                 workers.dtype,
             )
             timings["evaluate: original answers"] = time.perf_counter() - t0
+        STOP.at("distill")
         t0 = time.perf_counter()
         selector = make_selector(cfg, tok, run_dir)
         if resume is None:  # the original model on the validation prompts, for comparison (cached)
@@ -280,20 +300,24 @@ def _main(cfg) -> None:
         )
         timings["distill"] = time.perf_counter() - t0
         if evaluate:
+            STOP.at("evaluation of the trained model")
             t0 = time.perf_counter()
             after_ids = ev.generate_answers(workers.rollout[0], tok, sets, cfg.eval.max_new_tokens)
             timings["evaluate: trained answers"] = time.perf_counter() - t0
     finally:
-        workers.shutdown()
+        if workers is not None:
+            workers.shutdown()
         if cfg.cluster.address is None:
             ray.shutdown()
     # evaluation reads the trained weights from the export, so it is written for either stage
+    STOP.at("export")
     t0 = time.perf_counter()
     exported = (
         export_model(run_dir, model_path, blob, prepared, adapter) if "export" in stages or evaluate else None
     )
     timings["export"] = time.perf_counter() - t0
     if evaluate:
+        STOP.at("evaluation")
         t0 = time.perf_counter()
         answers_path = run_dir / "answers.jsonl"
         results.update(

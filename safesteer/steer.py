@@ -362,7 +362,7 @@ def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
     }
     atomic_write_json(out_dir / REPORT_FILE, report)
     if not given_vector and not given_tokens:
-        with atomic_dir(cached) as tmp:
+        with atomic_dir(cached, keep_existing=True) as tmp:  # a concurrent run's equal entry wins
             for name in (VECTOR_FILE, TOKENS_FILE, REPORT_FILE):
                 if (out_dir / name).is_file():
                     shutil.copy2(out_dir / name, tmp / name)

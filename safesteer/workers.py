@@ -13,10 +13,11 @@ import logging
 import time
 from pathlib import Path
 
-from safesteer.actors import Role, free_port, placement, spawn
+from safesteer.actors import Role, cluster_check, free_port, placement, spawn
 from safesteer.core.batch import interleave, merge_teacher_shards, split
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
+from safesteer.interrupts import STOP
 from safesteer.learner import LearnerWorker
 from safesteer.models import compute_dtype
 from safesteer.rollout import RolloutWorker
@@ -116,6 +117,7 @@ class Workers:
         import ray
 
         self._ray = ray
+        self._cluster_alive = cluster_check()
         self.cfg = cfg
         rs = roles(cfg)
         self.pg, self.index = placement(rs, cfg.cluster.strategy, cfg.cluster.placement_timeout_s)
@@ -217,6 +219,8 @@ class Workers:
                 f"rollout worker {i} died; replacing one is supported with rollout.weight_sync=object_store only"
             )
         name = "rollout worker" if group == "rollout" else group
+        if STOP.settle() or not self._cluster_alive():  # it died of the stop signal: no respawn
+            raise STOP.interrupted() if STOP.requested() else SafeSteerError("the Ray cluster is gone")
         log.warning("%s %d died; starting a new one at policy version %s", name, i, self._version())
         actors = self.group(group)
         self._ray.kill(actors[i])
@@ -377,9 +381,27 @@ class Workers:
     def load_checkpoint(self, directory: Path) -> None:
         self._learners_get([w.load_state.remote(str(directory)) for w in self.learners])
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 20.0) -> None:
+        """Kill every actor and remove the placement group. A cluster that went down (a Slurm job
+        cancelled as a whole) answers no more, and Ray's calls would wait for it forever: skipped then,
+        given up when it goes down meanwhile, and bounded by ``timeout_s`` in any case."""
+        import threading
+
         from ray.util.placement_group import remove_placement_group
 
-        for a in self.rollout + self.teachers + self.learners:
-            self._ray.kill(a)
-        remove_placement_group(self.pg)
+        if not self._cluster_alive():
+            log.warning("the Ray cluster is gone; no actor left to stop")
+            return
+
+        def stop() -> None:
+            for a in self.rollout + self.teachers + self.learners:
+                self._ray.kill(a)
+            remove_placement_group(self.pg)
+
+        t = threading.Thread(target=stop, name="safesteer-shutdown", daemon=True)
+        t.start()
+        deadline = time.monotonic() + timeout_s
+        while t.is_alive() and time.monotonic() < deadline and self._cluster_alive():
+            t.join(1.0)
+        if t.is_alive():
+            log.warning("the Ray cluster did not answer the shutdown within %.0fs; leaving it", timeout_s)

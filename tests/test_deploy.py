@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import environ_has, kill_marked, pids_with_env
+from procs import kill_marked, pids_with_env
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -294,18 +294,24 @@ def job_status(cluster: RayCluster, job_id: str) -> str:
     return m.group(1).upper() if m else f"unknown: {tail(p.stdout + p.stderr, 500)}"
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_ray_job_submit_places_actors_on_the_second_node(ray_cluster, tmp_path):
-    run_dir = tmp_path / "run"
+def submit_env(cluster: RayCluster, run_dir: Path) -> tuple[dict, str]:
+    """The environment of deploy/ray/submit.sh for a job into ``run_dir`` that returns once submitted."""
     job_id = f"safesteer-test-{secrets.token_hex(4)}"
     env = {
-        **ray_cluster.env,
-        "RAY_ADDRESS": ray_cluster.dashboard,
+        **cluster.env,
+        "RAY_ADDRESS": cluster.dashboard,
         "SAFESTEER_OUTPUT_DIR": str(run_dir),
         "SAFESTEER_JOB_ID": job_id,
         "SAFESTEER_SUBMIT_ARGS": "--no-wait",
     }
+    return env, job_id
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_job_submit_places_actors_on_the_second_node(ray_cluster, tmp_path):
+    run_dir = tmp_path / "run"
+    env, job_id = submit_env(ray_cluster, run_dir)
     overrides = [
         "+experiment=smoke",
         "eval.enabled=false",
@@ -343,6 +349,42 @@ def test_ray_job_submit_places_actors_on_the_second_node(ray_cluster, tmp_path):
     assert where.get("LearnerWorker") == {node_b}, where
     assert where.get("TeacherWorker") == {head}, where
     assert len([a for a in actors if a["class_name"] == "LearnerWorker"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_job_stop_saves_the_step_in_flight(ray_cluster, tmp_path):
+    """``ray job stop`` sends the driver SIGTERM; deploy/ray/runtime_env.yaml gives it time to end its
+    step and save it before Ray's SIGKILL (no periodic checkpoints here)."""
+    run_dir = tmp_path / "run"
+    env, job_id = submit_env(ray_cluster, run_dir)
+    ray = str(VENV_BIN / "ray")
+    # twelve steps of about a second: `ray job status` polls are slower than a step
+    many = (
+        "trainer.prompts_per_step=2",
+        "trainer.epochs=3",
+        "trainer.max_steps=12",
+        "stages=[prepare,distill]",
+    )
+    p = run(
+        [str(DEPLOY / "ray" / "submit.sh"), "+experiment=smoke", *many, "trainer.checkpoint_every=0"], env=env
+    )
+    assert p.returncode == 0, tail(p.stdout + p.stderr)
+    try:
+        assert wait_until(
+            lambda: len(steps_done(run_dir)) >= 1 or job_status(ray_cluster, job_id) != "RUNNING", 420, 0.5
+        )
+        stop = run([ray, "job", "stop", "--address", ray_cluster.dashboard, job_id], env=env, timeout=400)
+        assert stop.returncode == 0, tail(stop.stdout + stop.stderr)
+        assert wait_until(lambda: job_status(ray_cluster, job_id) == "STOPPED", 60, 1.0)
+    finally:
+        run([ray, "job", "stop", "--no-wait", "--address", ray_cluster.dashboard, job_id], env=env)
+    logs = run([ray, "job", "logs", "--address", ray_cluster.dashboard, job_id], env=env).stdout
+    done = steps_done(run_dir)
+    assert 1 <= len(done) < 12, (done, tail(logs))
+    ck = run_dir / "checkpoints" / f"step-{done[-1]:06d}"
+    assert f"SIGTERM: stopped during distill; saved checkpoint {ck}; resume with: " in logs, tail(logs)
+    assert (ck / "COMPLETE").is_file() and "Traceback" not in logs
 
 
 def distill_only_cli(tmp_path: Path, *overrides: str) -> list[str]:
@@ -536,36 +578,103 @@ def test_slurm_sbatch_two_nodes_runs_the_pipeline_and_tears_ray_down(slurm, tmp_
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+# Eight steps of two prompts (a second or two each), so that a job can be stopped mid-distill.
+EIGHT_STEPS = (
+    "trainer.prompts_per_step=2",
+    "trainer.epochs=2",
+    "trainer.max_steps=8",
+    "stages=[prepare,distill,export]",
+)
+
+
+def steps_done(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def stop_mid_distill(env: dict, out: Path, ray_tmp: Path, name: str, scancel: list[str], *overrides: str):
+    """Submit an eight-step job, ``scancel`` it once a step is done (and checkpointed, with
+    ``trainer.checkpoint_every=1``), and wait until every process of the job is gone. Returns the job id."""
+    p = run(sbatch_cmd(out, name, *EIGHT_STEPS, *overrides, wait=False), env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    job = p.stdout.strip().split(";")[0]
+
+    def training() -> bool:
+        assert job_field(env, job, "JobState") in ("PENDING", "RUNNING"), read(out / "batch.out")
+        if "trainer.checkpoint_every=1" in overrides:
+            return (out / "checkpoints" / "step-000001" / "COMPLETE").is_file()
+        return len(steps_done(out)) >= 1
+
+    assert wait_until(training, 300, 0.2), f"no step done:\n{tail(read(out / 'logs' / 'driver.log'))}"
+    assert run(["scancel", *scancel, job], env=env).returncode == 0
+
+    def all_gone() -> bool:
+        return not job_processes(job) and not cmdlines_containing(str(ray_tmp))
+
+    assert wait_until(all_gone, 150), {p: cmdline(p) for p in job_processes(job)}
+    return job
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_slurm_scancel_leaves_no_ray_processes(slurm, tmp_path):
+@pytest.mark.timeout(700)
+def test_slurm_scancel_mid_distill_then_a_resubmission_resumes(slurm, tmp_path):
+    """A plain scancel signals every process of the job, Ray's included: nothing is left, and the same
+    job submitted again (the driver runs with trainer.resume=auto) resumes from the newest checkpoint."""
     env, (head, worker) = slurm[0], slurm[1]
     out, ray_tmp = tmp_path / "run", short_tmpdir("sssc")
     env, name = sbatch_env(env, out, ray_tmp), f"safesteer-test-{secrets.token_hex(4)}"
     try:
-        p = run(sbatch_cmd(out, name, wait=False), env=env, timeout=60)
-        assert p.returncode == 0, p.stderr
-        job = p.stdout.strip().split(";")[0]
-
-        def rollout_running() -> bool:  # the job's actors run (the rollout worker is on the second node)
-            assert job_field(env, job, "JobState") in ("PENDING", "RUNNING"), read(out / "batch.out")
-            procs = cmdlines_containing("ray::RolloutWorker")
-            return any(environ_has(pid, f"SLURM_JOB_ID={job}".encode()) for pid in procs)
-
-        assert wait_until(rollout_running, 240, 1.0), "the job's rollout worker never started"
-        exes = [c.split()[0].rsplit("/", 1)[-1] for c in cmdlines_containing(str(ray_tmp)).values()]
-        assert exes.count("raylet") == 2 and exes.count("gcs_server") == 1, exes  # two Ray nodes
-        assert run(["scancel", job], env=env).returncode == 0
-
-        def all_gone() -> bool:
-            return not job_processes(job) and not cmdlines_containing(str(ray_tmp))
-
-        assert wait_until(all_gone, 90), {p: cmdline(p) for p in job_processes(job)}
+        job = stop_mid_distill(env, out, ray_tmp, name, [], "trainer.checkpoint_every=1")
         assert wait_until(lambda: job_field(env, job, "JobState") == "CANCELLED", 60)
-        batch_log = read(out / "batch.out")
+        batch_log, driver = read(out / "batch.out"), read(out / "logs" / "driver.log")
         assert "received SIGTERM" in batch_log and "teardown done" in batch_log, batch_log
-        for name in (f"ray-head-{head}.log", f"ray-worker-{worker}.log"):
-            assert "signal: stopping Ray" in read(out / "logs" / name), name
+        for log in (f"ray-head-{head}.log", f"ray-worker-{worker}.log"):
+            assert "signal: stopping Ray" in read(out / "logs" / log), log
+        # the driver stops as the cluster goes down beneath it (at once, once its watchdog sees the GCS gone)
+        assert re.search(r"SIGTERM: stopped (at once )?during distill; .*newest checkpoint", driver), tail(
+            driver
+        )
+        assert "Traceback" not in driver, tail(driver)
+        saved = sorted(d.name for d in (out / "checkpoints").iterdir() if not d.name.startswith("."))
+        assert saved and len(steps_done(out)) < 8, (saved, steps_done(out))
+        newest = int(saved[-1].split("-")[1])
+
+        p = run(
+            sbatch_cmd(out, name, *EIGHT_STEPS, "trainer.checkpoint_every=1", wait=True), env=env, timeout=480
+        )
+        driver = read(out / "logs" / "driver.log")
+        assert p.returncode == 0, f"{tail(read(out / 'batch.out'))}\n{tail(driver)}"
+        assert f"resumed from {out / 'checkpoints' / saved[-1]}: step {newest} of 8" in driver, tail(driver)
+        assert steps_done(out) == list(range(1, 9))  # no duplicate, no gap
+        assert (out / "export" / "model" / "model.safetensors").is_file()
+    finally:
+        run(["scancel", f"--name={name}"], env=env)
+        kill_marked(f"SAFESTEER_RAY_TMPDIR={ray_tmp}")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_slurm_usr1_to_the_batch_shell_saves_the_step_in_flight(slurm, tmp_path):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit) stops the
+    driver alone: it ends its step and saves it (no periodic checkpoints here), then Ray is torn down."""
+    env = slurm[0]
+    out, ray_tmp = tmp_path / "run", short_tmpdir("ssu1")
+    env, name = sbatch_env(env, out, ray_tmp), f"safesteer-test-{secrets.token_hex(4)}"
+    try:
+        stop_mid_distill(env, out, ray_tmp, name, ["--batch", "--signal=USR1"], "trainer.checkpoint_every=0")
+        batch_log, driver = read(out / "batch.out"), read(out / "logs" / "driver.log")
+        assert "received SIGUSR1" in batch_log and "the driver stopped (status 143)" in batch_log, batch_log
+        assert "teardown done" in batch_log, batch_log
+        done = steps_done(out)
+        assert 1 <= len(done) < 8, done
+        ck = out / "checkpoints" / f"step-{done[-1]:06d}"
+        assert f"SIGTERM: stopped during distill; saved checkpoint {ck}; resume with: " in driver, tail(
+            driver
+        )
+        assert "Traceback" not in driver, tail(driver)
+        assert (ck / "COMPLETE").is_file()
+        assert [d.name for d in (out / "checkpoints").iterdir()] == [ck.name]
     finally:
         run(["scancel", f"--name={name}"], env=env)
         kill_marked(f"SAFESTEER_RAY_TMPDIR={ray_tmp}")

@@ -293,9 +293,9 @@ def spy_convert(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, Path]]:
     calls: list[tuple[Path, Path]] = []
     real = models.convert_gguf
 
-    def spy(gguf_file: Path, out_dir: Path) -> Path:
+    def spy(gguf_file: Path, out_dir: Path, replace: bool = False) -> Path:
         calls.append((Path(gguf_file), Path(out_dir)))
-        return real(gguf_file, out_dir)
+        return real(gguf_file, out_dir, replace=replace)
 
     monkeypatch.setattr(models, "convert_gguf", spy)
     return calls

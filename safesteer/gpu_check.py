@@ -257,7 +257,9 @@ def check(args) -> dict:
     lcfg = dataclasses.replace(typed(cfg.learner), world_size=1, zero_stage=args.zero_stage, bf16=bf16,
                                micro_batch_size=args.micro_batch_size)  # fmt: skip
     t = time.perf_counter()
-    learner = LearnerWorker(0, path, lcfg, "127.0.0.1", free_port(), args.steps, len(comps), safety, cfg.seed)
+    learner = LearnerWorker(
+        0, path, lcfg, "127.0.0.1", free_port(), args.steps, len(comps), safety, cfg.seed, typed(cfg.model)
+    )
     rows.append(_report("learner_init", seconds=round(time.perf_counter() - t, 3),
                         backend=torch.distributed.get_backend()))  # fmt: skip
     _reset_peak(device)

@@ -36,9 +36,12 @@ def exit_code(signum: int) -> int:
     return 128 + (signal.SIGTERM if signum == signal.SIGUSR1 else signum)
 
 
-class Interrupted(BaseException):
-    """A run stopped by a signal. A BaseException, so that no ``except Exception`` of the fault handling
-    (a dead worker's share redone, a learner group restarted) mistakes it for a failure."""
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by a signal. Not an ``Exception``, so that no ``except Exception`` of the fault
+    handling (a dead worker's share redone, a learner group restarted) mistakes it for a failure; a
+    ``KeyboardInterrupt``, so that a ``ray.get`` it interrupts gives up at once (Ray's signal check
+    lets only that through; anything else it ignores until the call returns, e.g. the 20 minutes of
+    an evaluation) and raises a plain ``KeyboardInterrupt``, which :func:`cause` maps back."""
 
     def __init__(self, signum: int, at_once: bool, stage: str, saved: str | None = None):
         super().__init__(signal.Signals(signum).name)
@@ -53,6 +56,7 @@ class Stop:
         self.stage = "start"
         self._deferred = False
         self._raised = False
+        self.last: Interrupted | None = None  # what the handler raised
         self._alive: Callable[[], bool] | None = None
         self.run_dir = "."
 
@@ -104,6 +108,11 @@ class Stop:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def check(self) -> None:
+        """Raise the stop the handler raised, if a call it interrupted swallowed it (``ray.wait``)."""
+        if self.last is not None:
+            raise self.last
+
     def interrupted(self, saved: str | None = None) -> Interrupted:
         """The exception that ends the run at a safe point after :meth:`requested`."""
         self._raised = True
@@ -129,7 +138,8 @@ class Stop:
         first = self.signum is None
         self.signum = self.signum or signum
         self._raised = True
-        raise Interrupted(self.signum, not first, self.stage)
+        self.last = Interrupted(self.signum, not first, self.stage)
+        raise self.last
 
 
 STOP = Stop()
@@ -137,11 +147,14 @@ STOP = Stop()
 
 def cause(e: BaseException | None) -> Interrupted | None:
     """The :class:`Interrupted` behind ``e``, if any: raised inside a C extension's signal check (Ray's
-    ``ray.get``), it may reach the caller wrapped in another exception."""
+    ``ray.get``), it reaches the caller as a plain ``KeyboardInterrupt`` or wrapped in another
+    exception."""
     seen = set()
     while e is not None and id(e) not in seen:
         if isinstance(e, Interrupted):
             return e
+        if isinstance(e, KeyboardInterrupt) and STOP.last is not None:
+            return STOP.last
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None

@@ -19,7 +19,7 @@ import torch
 from safesteer import learner_state
 from safesteer.actors import Placement, configure_threads
 from safesteer.core.batch import split, trim
-from safesteer.core.lora import merged_state
+from safesteer.core.lora import factor_blob
 from safesteer.core.loss import (
     MODES,
     gathered_terms,
@@ -32,8 +32,9 @@ from safesteer.core.loss import (
 from safesteer.core.scoring import right_padded_positions
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
-from safesteer.models import use_bf16
+from safesteer.models import ModelConfig, load_tokenizer, use_bf16
 from safesteer.schema import group, option, require
+from safesteer.teacher import LearnerTeacher
 
 
 @dataclass
@@ -257,8 +258,11 @@ class LearnerWorker:
         sequences_per_step: int,
         tokens: SafetyTokens | None,
         seed: int,
-        trust_remote_code: bool = False,
+        model_cfg: ModelConfig,
+        teacher: tuple | None = None,
     ):
+        """``teacher``: (teacher config, vector blob, output) when this rank also scores as the
+        teacher (``teacher.backend=learner``, :class:`safesteer.teacher.LearnerTeacher`)."""
         configure_threads(cfg.threads)
         cuda = torch.cuda.is_available()
         os.environ.update(
@@ -283,7 +287,7 @@ class LearnerWorker:
         self.rank, self.device = rank, "cuda" if cuda else "cpu"
         self.cfg, self.bf16 = cfg, use_bf16(cfg.bf16, self.device)
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=torch.float32, trust_remote_code=trust_remote_code
+            model_path, dtype=torch.float32, trust_remote_code=model_cfg.trust_remote_code
         )
         model.config.use_cache = False
         freeze_below(model, cfg.train_from_layer)
@@ -304,6 +308,16 @@ class LearnerWorker:
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
         self.tokens = tokens
         self.steps = 0
+        self.teacher = None
+        if teacher is not None:
+            tok = load_tokenizer(model_path, model_cfg.trust_remote_code, model_cfg.chat_template_kwargs)
+            self.teacher = LearnerTeacher(model, self.adapters, *teacher[:2], tokens, teacher[2], tok)
+
+    def score(self, instructions, completion_ids, steer=None) -> dict:
+        """The teacher's log-probs, computed by this rank (``teacher.backend=learner``)."""
+        if self.teacher is None:
+            raise SafeSteerError("this learner rank does not score (teacher.backend is not learner)")
+        return self.teacher.score(instructions, completion_ids, steer)
 
     def safety_tokens_hash(self) -> str | None:
         """The content hash of the safety tokens this rank trains on (checked against the driver's)."""
@@ -376,9 +390,16 @@ class LearnerWorker:
         return self.steps
 
     def export_weights(self, dtype: str = "bfloat16") -> bytes | None:
-        """Full weights as safetensors bytes on rank 0 (None elsewhere). Every rank must call it (ZeRO-3)."""
+        """Full weights as safetensors bytes on rank 0 (None elsewhere). Every rank must call it (ZeRO-3).
+
+        With LoRA, the adapter's factors instead (:func:`safesteer.core.lora.factor_blob`, float32):
+        the receivers merge them into the base weights they read from disk, so no model-sized copy
+        is made here or crosses the object store."""
         from safetensors.torch import save
 
+        if self.adapters is not None:
+            lora = self.cfg.lora
+            return factor_blob(self.model.state_dict(), lora.alpha / lora.r) if self.rank == 0 else None
         dt = getattr(torch, dtype)
         module = self.model
         state = {}
@@ -396,9 +417,6 @@ class LearnerWorker:
             state = {k: v.detach().to(dt).cpu().clone() for k, v in module.state_dict().items()}
         if self.rank != 0:
             return None
-        if self.adapters is not None:  # what the engines and the export need: the merged weights
-            lora = self.cfg.lora
-            state = merged_state(state, lora.alpha / lora.r)
         if self.tied:
             state.pop("lm_head.weight", None)
         return save(state)

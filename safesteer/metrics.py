@@ -98,6 +98,7 @@ def step_row(
         "teacher_s": sc["seconds"],
         "learner_s": stats["seconds"],
         "sync_s": sync["seconds"],
+        "sync_bytes": sync["bytes"],
         "rollout_wait_s": waits["rollout"],
         "teacher_wait_s": waits["teacher"],
         "learner_wait_s": waits["learner"],

@@ -261,9 +261,44 @@ def weight_names(blob: bytes) -> set[str]:
     return {k for k in json.loads(blob[8 : 8 + n]) if k != "__metadata__"}
 
 
-def check_export(path: str, blob: bytes, trust_remote_code: bool = False) -> None:
-    """Refuse weights that would not rebuild the model at ``path``: every parameter of its
-    architecture must be there, except a head tied to the embeddings (saved once, as the embeddings)."""
+class CheckpointReader:
+    """Tensors of a safetensors checkpoint directory (one file or an index of shards), read one at a
+    time by name: what a LoRA merge needs from the base weights without loading the model."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        root = Path(path)
+        index = root / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = [p.name for p in sorted(root.glob("*.safetensors"))]
+        if not files:
+            raise SafeSteerError(f"model.path={path}: no safetensors weights to merge an adapter into")
+        self.files = [safe_open(str(root / f), framework="pt") for f in files]
+        self.where = {name: f for f in self.files for name in f.keys()}
+
+    def __call__(self, name: str):
+        if name not in self.where:
+            raise SafeSteerError(f"base checkpoint has no tensor {name!r} to merge an adapter into")
+        return self.where[name].get_tensor(name)
+
+
+def merged_checkpoint(path: str, blob: bytes) -> dict:
+    """The full state dict of the checkpoint at ``path`` with a LoRA factor blob merged in."""
+    from safesteer.core.lora import merged_weights
+
+    read = CheckpointReader(path)
+    state = {name: read(name) for name in read.where}
+    state.update(merged_weights(blob, read))
+    return state
+
+
+def check_export(path: str, names: set[str], trust_remote_code: bool = False) -> None:
+    """Refuse weights (their ``names``) that would not rebuild the model at ``path``: every parameter
+    of its architecture must be there, except a head tied to the embeddings (saved once, as the
+    embeddings)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -271,7 +306,7 @@ def check_export(path: str, blob: bytes, trust_remote_code: bool = False) -> Non
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     expected = {n for n, _ in model.named_parameters()}  # a tied head is the embeddings' parameter
-    missing = sorted(expected - weight_names(blob))
+    missing = sorted(expected - names)
     if missing:
         tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
         raise SafeSteerError(

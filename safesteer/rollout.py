@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from safesteer.actors import Placement, configure_threads
+from safesteer.core.lora import is_factor_blob, merged_weights
+from safesteer.models import CheckpointReader
 from safesteer.schema import option, require
 
 
@@ -66,11 +68,18 @@ class WeightSyncExtension:
     """Methods added to every vLLM worker (``worker_extension_cls``)."""
 
     def safesteer_reload(self, blob: bytes) -> str:
-        """Load a (possibly partial) state dict sent as safetensors bytes; return its sha256."""
+        """Load a (possibly partial) state dict sent as safetensors bytes; return its sha256.
+
+        A LoRA factor blob (:mod:`safesteer.core.lora`) is merged into the base weights the engine
+        was started from, read from its checkpoint one layer at a time: the engine then holds the
+        base weights plus these adapters, whatever it held before."""
         from safetensors.torch import load
 
-        state = load(blob)
-        self.reload_weights(weights_iterator=iter(state.items()))
+        if is_factor_blob(blob):
+            weights = merged_weights(blob, CheckpointReader(self.model_config.model))
+        else:
+            weights = iter(load(blob).items())
+        self.reload_weights(weights_iterator=weights)
         return hashlib.sha256(blob).hexdigest()
 
 

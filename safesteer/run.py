@@ -149,11 +149,15 @@ def resumed_artifacts(resume, run_dir: Path):
 def export_model(run_dir: Path, model_path: str, blob: bytes, prepared, adapter: dict | None = None) -> Path:
     """The trained student as an HF directory (safetensors, tokenizer, chat template), plus the teacher
     artifacts and, when LoRA trained, the adapter as peft writes it (``export/adapter``)."""
+    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from safesteer.models import check_export
+    from safesteer.core.lora import is_factor_blob, peft_adapter
+    from safesteer.models import check_export, merged_checkpoint, weight_names
 
-    check_export(model_path, blob)
+    factors = is_factor_blob(blob)
+    state = merged_checkpoint(model_path, blob) if factors else None  # LoRA: base + adapters
+    check_export(model_path, set(state) if factors else weight_names(blob))
     out = run_dir / "export"
     with atomic_dir(out) as tmp:
         model_dir = tmp / "model"
@@ -163,14 +167,19 @@ def export_model(run_dir: Path, model_path: str, blob: bytes, prepared, adapter:
         src = Path(model_path)
         if (src / "generation_config.json").is_file():
             shutil.copy2(src / "generation_config.json", model_dir)
-        (model_dir / "model.safetensors").write_bytes(blob)
+        if factors:
+            save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+            del state
+        else:
+            (model_dir / "model.safetensors").write_bytes(blob)
         for p in (prepared.vector_path, prepared.tokens_path):
             if p is not None and Path(p).is_file():
                 shutil.copy2(p, tmp / Path(p).name)
-        if adapter:
+        if adapter:  # peft's files; the weights those of the exported step
             (tmp / "adapter").mkdir()
             for name, data in adapter.items():
                 (tmp / "adapter" / name).write_bytes(data)
+            (tmp / "adapter" / "adapter_model.safetensors").write_bytes(peft_adapter(blob))
     return out / "model"
 
 
@@ -263,8 +272,9 @@ def _main(cfg) -> None:
         STOP.at("distill")
         t0 = time.perf_counter()
         selector = make_selector(cfg, tok, run_dir)
-        if resume is None:  # the original model on the validation prompts, for comparison (cached)
-            results["validation_original"] = original_validation(cfg, model_path, selector, workers, tok)
+        # the original model on the validation prompts, for comparison (cached; a resumed run's
+        # engines also start at the original weights)
+        results["validation_original"] = original_validation(cfg, model_path, selector, workers, tok)
         history = distill(
             cfg,
             workers,
@@ -286,10 +296,6 @@ def _main(cfg) -> None:
             log.info(
                 "model selection: step %d of %d is exported and evaluated", selector.best_step, len(steps)
             )
-            if adapter:
-                log.warning("model selection: export/model holds step %d's merged weights; the LoRA "
-                            "adapter (the last step's) is not exported", selector.best_step)  # fmt: skip
-                adapter = None
             blob = best
             workers.load_rollout_weights(best)
         results["selected_step"] = selector.best_step or len(steps)

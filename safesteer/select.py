@@ -5,8 +5,8 @@ held-aside validation prompts greedily through the rollout engine, and the offli
 
     selectivity = refusal(harmful validation) - refusal(harmless validation) - degenerate(both)
 
-With ``every`` set, the best step's weights are written to ``<run dir>/best/`` (safetensors,
-atomically) and are what the run evaluates and exports; with ``every=0`` the last step is exported
+With ``every`` set, the best step's weights (with LoRA: its adapter factors) are written to
+``<run dir>/best/`` (safetensors, atomically) and are what the run evaluates and exports; with ``every=0`` the last step is exported
 and its validation scores are reported (settings are chosen on these, never on evaluation sets).
 The validation prompts are never evaluation prompts.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from safesteer.core import judge
+from safesteer.core.lora import is_factor_blob
 from safesteer.paths import atomic_dir, atomic_write_text
 from safesteer.schema import option
 
@@ -36,7 +37,7 @@ class SelectConfig:
 
 log = logging.getLogger(__name__)
 
-BEST_DIR, WEIGHTS, INFO = "best", "model.safetensors", "best.json"
+BEST_DIR, WEIGHTS, FACTORS, INFO = "best", "model.safetensors", "lora_factors.safetensors", "best.json"
 ANSWERS = "validation_answers.jsonl"  # the latest validation's answers and verdicts
 
 
@@ -96,7 +97,8 @@ class Selector:
         if self.every and m["selectivity"] > self.best_score:
             self.best_step, self.best_score = step, m["selectivity"]
             with atomic_dir(self.path) as tmp:
-                (tmp / WEIGHTS).write_bytes(export())
+                blob = export()  # with LoRA, the adapter's factors (safesteer.core.lora)
+                (tmp / (FACTORS if is_factor_blob(blob) else WEIGHTS)).write_bytes(blob)
                 (tmp / INFO).write_text(json.dumps({"step": step, **m}))
             log.info(
                 "step %d: selectivity %.3f, the best so far (weights in %s)",
@@ -113,4 +115,8 @@ class Selector:
         return selectivity(texts[: len(self.harmful_ids)], texts[len(self.harmful_ids) :])
 
     def best_weights(self) -> bytes | None:
-        return (self.path / WEIGHTS).read_bytes() if self.best_step is not None else None
+        """The best step's weights, or its LoRA factors."""
+        if self.best_step is None:
+            return None
+        factors = self.path / FACTORS
+        return (factors if factors.is_file() else self.path / WEIGHTS).read_bytes()

@@ -215,15 +215,18 @@ def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, d
     candidates: list[tuple[str, search.CandidateScore, torch.Tensor]] = []
     all_scores: dict[str, list[dict]] = {}
     for method in sc.methods:
-        log.info("steering: %s candidates from %d harmful prompts", method, len(harmful))
-        if method == "diff_in_means":
-            cands = search.diff_in_means_candidates(model, tok, harmful, harmless, sc.batch_size)
-        elif method == "contrastive":
-            cands = search.contrastive_candidates(model, tok, harmful, sc.batch_size)
-        else:
+        if method not in ("diff_in_means", "contrastive"):
             raise SafeSteerError(
                 f"steering.methods: unknown method {method!r}; choose from {', '.join(search.METHODS)}"
             )
+        n = len(harmful) + (len(harmless) if method == "diff_in_means" else len(harmful))
+        with tqdm(
+            total=n, desc=f"activations ({method}, {len(harmful)} harmful prompts)", leave=False
+        ) as bar:
+            if method == "diff_in_means":
+                cands = search.diff_in_means_candidates(model, tok, harmful, harmless, sc.batch_size, bar)
+            else:
+                cands = search.contrastive_candidates(model, tok, harmful, sc.batch_size, bar)
         with tqdm(
             total=len(layers) * cands.shape[1], desc=f"reference filters ({method})", leave=False
         ) as bar:

@@ -8,10 +8,13 @@ Which prompts are steered toward refusal (``teacher.gate``): ``label``, the trai
 (``data.train``) and not the anchors; ``probe``, the prompts the harm probe flags from the model's
 own activations (:mod:`safesteer.core.probe`), whatever set they came from.
 
-Two backends (``teacher.backend``): ``hf``, a transformers model with the hook of
+Three backends (``teacher.backend``): ``hf``, a transformers model with the hook of
 :func:`safesteer.core.steering.steering`; ``vllm``, a vLLM engine with the same hook registered inside
 its worker (:class:`SteeringExtension`) that returns the safety ids' log-probs at every completion
-position in one prefill (``SamplingParams.prompt_logprob_token_ids``, vLLM's V2 model runner).
+position in one prefill (``SamplingParams.prompt_logprob_token_ids``, vLLM's V2 model runner);
+``learner``, no actor of its own: with LoRA the learner ranks hold the original weights frozen under
+the adapters, and score with the adapters switched off and the hook on (:class:`LearnerTeacher`),
+which saves a whole model copy.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from safesteer.schema import option, require
 class TeacherConfig(Placement):
     """``teacher``: the frozen steered teacher (conf/teacher)."""
 
-    backend: str = option(choices=("hf", "vllm"))
+    backend: str = option(choices=("hf", "vllm", "learner"))
     kind: str = option(choices=TEACHER_KINDS)
     anchor_coeff: float = option()
     gate: str = option(choices=("label", "probe"))
@@ -66,6 +69,11 @@ class TeacherConfig(Placement):
         t = cfg.teacher
         why = "the harm probe gates a steering vector (teacher.kind=vector)"
         require(t.gate == "label" or t.kind == "vector", "teacher.gate", t.gate, why)
+        if t.backend == "learner":
+            why = "teacher.backend=learner scores with the learners' frozen base weights: it needs learner.lora.r > 0"
+            require(cfg.learner.lora.r > 0, "teacher.backend", t.backend, why)
+            why = "the harm probe runs in a teacher actor (teacher.backend=hf)"
+            require(t.gate == "label", "teacher.gate", t.gate, why)
         if t.backend == "vllm":
             why = "the harm probe reads the HF model's activations (use teacher.backend=hf)"
             require(t.gate == "label", "teacher.gate", t.gate, why)
@@ -176,7 +184,56 @@ def make_teacher(cfg: TeacherConfig, vector_blob: bytes | None) -> Teacher:
     )
 
 
-class TeacherWorker:
+class HFScoring:
+    """A transformers teacher's scoring (``model``, ``tok``, ``teacher``, ``ids``, ``output``, ``cfg``
+    set by the subclass): the log-probs a step needs, on the CPU, with bf16 autocast when asked."""
+
+    def scores(self, instructions, completion_ids, steer) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            out = score_completions(
+                self.model,
+                self.tok,
+                self.teacher,
+                instructions,
+                completion_ids,
+                self.output,
+                self.ids,
+                self.cfg.topk,
+                self.cfg.chunk_size,
+                self.cfg.batch_size,
+                steer,
+            )
+        out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
+        if "logprobs" in out and out["logprobs"].dim() == 3 and self.output == "full":
+            out["logprobs"] = out["logprobs"].to(torch.bfloat16)  # the ablation's (B,C,V) payload, halved
+        return out
+
+
+class LearnerTeacher(HFScoring):
+    """The teacher inside a LoRA learner rank (``teacher.backend=learner``): the rank's own model with
+    its adapters disabled is the original model, which the steering hook turns into the teacher, as
+    a DPO reference model is the policy with its adapters off."""
+
+    def __init__(self, model, adapters, cfg: TeacherConfig, vector_blob, tokens, output: str, tok):
+        self.model, self.adapters, self.cfg, self.tok = model, adapters, cfg, tok
+        self.teacher = make_teacher(cfg, vector_blob)
+        self.ids = torch.tensor(tokens.ids, device=model.device) if tokens is not None else None
+        self.output = output
+
+    def score(self, instructions, completion_ids, steer=None) -> dict:
+        t = time.perf_counter()
+        training = self.model.training
+        self.model.eval()
+        try:
+            with self.adapters.disable_adapter():
+                out = self.scores(instructions, completion_ids, steer)
+        finally:
+            self.model.train(training)
+        tokens = sum(len(c) for c in completion_ids)
+        return {"teacher": out, "seconds": time.perf_counter() - t, "tokens": tokens, "gate": None}
+
+
+class TeacherWorker(HFScoring):
     """Holds the frozen teacher (wrapped by ``ray.remote`` in :mod:`safesteer.actors`)."""
 
     def __init__(
@@ -219,23 +276,7 @@ class TeacherWorker:
         gate = None
         if self.probe is not None:  # the probe decides which prompts are steered; labels are ignored
             steer = gate = self.flag_harmful(instructions)
-        with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            out = score_completions(
-                self.model,
-                self.tok,
-                self.teacher,
-                instructions,
-                completion_ids,
-                self.output,
-                self.ids,
-                self.cfg.topk,
-                self.cfg.chunk_size,
-                self.cfg.batch_size,
-                steer,
-            )
-        out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
-        if "logprobs" in out and out["logprobs"].dim() == 3 and self.output == "full":
-            out["logprobs"] = out["logprobs"].to(torch.bfloat16)  # the ablation's (B,C,V) payload, halved
+        out = self.scores(instructions, completion_ids, steer)
         tokens = sum(len(c) for c in completion_ids)
         return {"teacher": out, "seconds": time.perf_counter() - t, "tokens": tokens, "gate": gate}
 

@@ -33,7 +33,8 @@ def roles(cfg) -> list[Role]:
     """One placement-group role per actor group, sized by its config group."""
     counts = {
         "rollout": (cfg.rollout.num_workers, cfg.rollout.num_gpus * cfg.rollout.tensor_parallel_size),
-        "teacher": (cfg.teacher.num_actors, cfg.teacher.num_gpus),
+        # teacher.backend=learner: the learner ranks score, no teacher actor
+        "teacher": (0 if cfg.teacher.backend == "learner" else cfg.teacher.num_actors, cfg.teacher.num_gpus),
         "learner": (cfg.learner.world_size, cfg.learner.num_gpus),
     }
     return [
@@ -181,7 +182,8 @@ class Workers:
                 seqs,
                 self.tokens,
                 cfg.seed,
-                cfg.model.trust_remote_code,
+                typed(cfg.model),
+                self._learner_teacher(),
             )  # fmt: skip
             for rank, b in enumerate(self.index["learner"])
         ]
@@ -190,6 +192,13 @@ class Workers:
             tp = cfg.rollout.tensor_parallel_size
             self._ray.get([w.init_weight_transfer.remote(self.rollout, addr, wport, tp) for w in learners])
         return learners
+
+    def _learner_teacher(self) -> tuple | None:
+        """What the learner ranks need to score as the teacher (``teacher.backend=learner``)."""
+        cfg = self.cfg
+        if cfg.teacher.backend != "learner":
+            return None
+        return typed(cfg.teacher), self.vector_blob, OUTPUT_FOR_LOSS[cfg.learner.loss]
 
     def group(self, name: str) -> list:
         return {"rollout": self.rollout, "teacher": self.teachers, "learner": self.learners}[name]
@@ -254,7 +263,10 @@ class Workers:
         """``ray.get`` over the learner group that fails fast when a rank dies (its peers would block)."""
         ray, pending = self._ray, list(futures)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+            STOP.check()  # ray.wait lets a stop signal pass unseen: look at least once a second
+            if not ready:
+                continue
             try:
                 ray.get(ready[0])
             except Exception as e:
@@ -309,15 +321,19 @@ class Workers:
         self, step: int, instructions: list[str], completions: list[list[int]], steer: list[bool]
     ) -> dict:
         """The teachers' log-probs at the safety ids, in batch order (and the harm probe's verdicts)."""
-        n = len(self.teachers)
+        scorers = self.teachers or self.learners  # teacher.backend=learner: the ranks score
+        n = len(scorers)
         calls = []
         for j in range(n):
             ins, comp, st = instructions[j::n], completions[j::n], steer[j::n]
             if ins:
                 call = lambda t, ins=ins, comp=comp, st=st: t.score.remote(ins, comp, st)  # noqa: E731
-                calls.append((j, call(self.teachers[j]), call))
+                calls.append((j, call(scorers[j]), call))
         self._launched("teacher", step)
-        res = self._redo("teacher", calls)
+        if self.teachers:
+            res = self._redo("teacher", calls)
+        else:
+            res = self._learners_get([fut for _, fut, _ in calls])
         B = len(instructions)
         gate = interleave([r["gate"] for r in res], B) if res[0].get("gate") is not None else None
         return {

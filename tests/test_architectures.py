@@ -98,6 +98,44 @@ result["synced_engine"] = engine()
 print("RESULT " + json.dumps(result))
 """
 
+# An engine started from the original weights gets the trained adapter as the pipeline sends it (a
+# factor blob, merged inside the engine into the weights it reads from its checkpoint) and must then
+# score like an HF forward of the exported merged model.
+FACTOR_CHECK = r"""
+import json, os, sys
+from pathlib import Path
+os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1",
+                   "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"})
+import torch
+from safetensors.torch import load_file, save
+from vllm import LLM, SamplingParams
+from safesteer.core.generation import chat_texts
+from safesteer.core.lora import FORMAT
+from safesteer.models import load_hf
+
+exported, base, adapter = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+trained, tok = load_hf(exported)
+prompt = tok(chat_texts(tok, ["How do I bake bread?"])[0], add_special_tokens=False)["input_ids"]
+ids = prompt + [100, 200, 300, 400, 500, 600]
+with torch.no_grad():
+    lp = torch.log_softmax(trained(torch.tensor([ids])).logits[0, :-1].float(), -1)
+want = lp.gather(-1, torch.tensor(ids[1:]).unsqueeze(-1)).squeeze(-1).tolist()
+conf = json.loads((adapter / "adapter_config.json").read_text())
+factors = {k.removeprefix("base_model.model."): v
+           for k, v in load_file(adapter / "adapter_model.safetensors").items()}
+blob = save(factors, metadata={"format": FORMAT, "scaling": repr(conf["lora_alpha"] / conf["r"])})
+llm = LLM(model=base, dtype="float32", enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.1,
+          distributed_executor_backend="uni", enable_prefix_caching=False,
+          worker_extension_cls="safesteer.rollout.WeightSyncExtension")
+params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+def engine():
+    out = llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)[0]
+    return [d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])]
+before = engine()
+llm.collective_rpc("safesteer_reload", args=(blob,))
+print("RESULT " + json.dumps({"before": before, "after": engine(), "want": want}))
+"""
+
 
 @pytest.fixture(scope="module")
 def twins(default_model_dir, tmp_path_factory) -> dict[str, Path]:
@@ -128,16 +166,21 @@ def test_preset_architecture_end_to_end(family, twins, tmp_path):
 
 
 def test_lora_end_to_end_on_mistral(twins, tmp_path):
-    """The Mistral twin with the shared paper settings and learner.lora under ZeRO-2: the adapters
-    train, the engines get the merged weights, and the export holds both the merged model and the
-    adapter, which peft loads onto the original weights to give the merged model back."""
+    """The Mistral twin with the shared paper settings and learner.lora under ZeRO-2, the learner
+    ranks scoring as the teacher (teacher.backend=learner): the adapters train, only their factors
+    travel to the engines, which merge them into the weights they read from disk, and the export
+    holds both the merged model and the adapter, which peft loads onto the original weights to give
+    the merged model back."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     twin, run_dir = twins["mistral"], tmp_path / "run"
     lora = ("learner.zero_stage=2", "learner.lora.r=8", "learner.lora.alpha=16", "learner.lr=1e-2")
-    run_pipeline("paper_base", twin, run_dir, *lora)
+    run_pipeline("paper_base", twin, run_dir, *lora, "teacher.backend=learner")
     check_hook(twin, run_dir)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    model_bytes = (twin / "model.safetensors").stat().st_size
+    assert rows and all(0 < r["sync_bytes"] < model_bytes / 2 and r["teacher_s"] > 0 for r in rows)
     export = run_dir / "export"
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {
         p.name for p in (export / "adapter").iterdir()
@@ -156,6 +199,13 @@ def test_lora_end_to_end_on_mistral(twins, tmp_path):
     for k in merged:
         torch.testing.assert_close(rebuilt[k], merged[k], atol=1e-5, rtol=0)
     check_engine(export / "model", twin)
+    cmd = [sys.executable, "-c", FACTOR_CHECK, str(export / "model"), str(twin), str(export / "adapter")]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[7:])
+    t = {k: torch.tensor(v) for k, v in r.items()}
+    torch.testing.assert_close(t["after"], t["want"], atol=2e-3, rtol=0)  # the engine merged the factors
+    assert (t["before"] - t["want"]).abs().max() > 2e-2
 
 
 def check_hook(twin: Path, run_dir: Path) -> None:

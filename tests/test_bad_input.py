@@ -155,7 +155,13 @@ def test_export_that_would_drop_an_untied_head_is_refused(tmp_path):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from safesteer.errors import SafeSteerError
-    from safesteer.models import check_architecture, check_export, prepare_default_model, tiny_llama_config
+    from safesteer.models import (
+        check_architecture,
+        check_export,
+        prepare_default_model,
+        tiny_llama_config,
+        weight_names,
+    )
 
     tok = AutoTokenizer.from_pretrained(prepare_default_model())
     cfg = tiny_llama_config(tok, num_hidden_layers=2)
@@ -164,10 +170,12 @@ def test_export_that_would_drop_an_untied_head_is_refused(tmp_path):
     path = tmp_path / "untied"
     model.save_pretrained(path)
     state = model.state_dict()
-    check_export(str(path), save({k: v.contiguous() for k, v in state.items()}))  # complete: accepted
+    check_export(
+        str(path), weight_names(save({k: v.contiguous() for k, v in state.items()}))
+    )  # complete: accepted
     state.pop("lm_head.weight")
     with pytest.raises(SafeSteerError, match="lack lm_head.weight; the export would drop them") as e:
-        check_export(str(path), save({k: v.contiguous() for k, v in state.items()}))
+        check_export(str(path), weight_names(save({k: v.contiguous() for k, v in state.items()})))
     assert "\n" not in str(e.value)
     assert check_architecture(str(path)).tie_word_embeddings is False
 

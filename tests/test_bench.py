@@ -128,6 +128,32 @@ def test_memory_of_a_process_tree_is_sampled_per_process(tmp_path):
     assert res["leftover_processes"] == 0
 
 
+def test_procmon_command_writes_the_peak_of_a_command(tmp_path):
+    """``python -m safesteer.bench.procmon OUT -- CMD``: the summary of a real child holding ~200 MiB,
+    and the child's exit status passed on."""
+    out = tmp_path / "mem.json"
+    hold = "hold = bytearray(200 * 2**20); import time; time.sleep(1.5)"
+    p = subprocess.run([sys.executable, "-m", "safesteer.bench.procmon", str(out), "--", sys.executable, "-c", hold],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    assert res["returncode"] == 0 and res["memory"]["tree_peak_rss_mb"] >= 200
+    assert 200 <= res["memory"]["tree_peak_anon_mb"] <= res["memory"]["tree_peak_rss_mb"]
+    assert "peak anonymous sum" in p.stderr
+    fail = [
+        sys.executable,
+        "-m",
+        "safesteer.bench.procmon",
+        str(out),
+        "--",
+        sys.executable,
+        "-c",
+        "raise SystemExit(3)",
+    ]
+    assert subprocess.run(fail, capture_output=True, timeout=120).returncode == 1
+    assert json.loads(out.read_text())["returncode"] == 3
+
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.mark.slow
 @pytest.mark.timeout(900)

@@ -122,3 +122,16 @@ def test_every_run_command_in_the_docs_composes(where, args):
             a = f"{key}={value.split(',')[0]}"
         overrides.append(a)
     compose(overrides, check=False)
+
+
+def test_the_learner_teacher_needs_lora_and_the_label_gate():
+    from safesteer.errors import SafeSteerError
+
+    with pytest.raises(SafeSteerError, match=r"^teacher\.backend=learner: .*learner\.lora\.r > 0"):
+        compose(["teacher.backend=learner"])
+    with pytest.raises(SafeSteerError, match=r"^teacher\.gate=probe: "):
+        compose(["teacher.backend=learner", "learner.lora.r=8", "teacher.gate=probe"])
+    cfg = compose(["teacher.backend=learner", "learner.lora.r=8"])
+    from safesteer.workers import roles
+
+    assert {r.name: r.count for r in roles(cfg)}["teacher"] == 0  # no teacher actor is started

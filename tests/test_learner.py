@@ -61,15 +61,16 @@ def test_the_chunked_head_loss_equals_the_full_logits_loss(tiny, mode: str) -> N
     assert mass.item() == pytest.approx((probs * completion).sum().item() / completion.sum().item(), rel=1e-4)
 
 
-def test_lora_weights_merge_like_peft(tiny_model_dir) -> None:
-    """merged_state (what the engines load and the export writes) equals peft's own merge, and the
-    LoRA model's forward equals the plain model's forward with the merged weights."""
+def test_lora_factor_blob_merges_like_peft(tiny_model_dir) -> None:
+    """The factor blob (what the engines load and the export merges) rebuilds peft's own merge from
+    the base checkpoint on disk, layer by layer, and carries nothing but the adapters."""
     import copy
 
     from transformers import AutoModelForCausalLM
 
-    from safesteer.core.lora import merged_state
+    from safesteer.core.lora import factor_blob, is_factor_blob, merged_weights
     from safesteer.learner import LoraSettings, add_lora
+    from safesteer.models import CheckpointReader, weight_names
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model = copy.deepcopy(base)
@@ -82,15 +83,17 @@ def test_lora_weights_merge_like_peft(tiny_model_dir) -> None:
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)  # peft starts B at zero: make the adapter do something
-    merged = merged_state(model.state_dict(), settings.alpha / settings.r)
-    assert set(merged) == set(base.state_dict())
+    blob = factor_blob(model.state_dict(), settings.alpha / settings.r)
+    assert is_factor_blob(blob)
+    assert all(".lora_" in n for n in weight_names(blob)) and len(weight_names(blob)) == len(trainable)
+    merged = dict(merged_weights(blob, CheckpointReader(str(tiny_model_dir))))
+    layers = base.config.num_hidden_layers
+    assert len(merged) == 3 * layers  # the adapted layers only
     reference = peft_model.merge_and_unload().state_dict()
-    for k, v in reference.items():
-        torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=0)
-    assert not torch.equal(
-        merged["model.layers.0.self_attn.q_proj.weight"],
-        base.state_dict()["model.layers.0.self_attn.q_proj.weight"],
-    )
+    for k, v in merged.items():
+        torch.testing.assert_close(v, reference[k], atol=1e-6, rtol=0)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], base.state_dict()[q])
 
 
 def test_lora_target_modules_the_model_lacks_are_named(tiny_model_dir) -> None:
@@ -102,3 +105,54 @@ def test_lora_target_modules_the_model_lacks_are_named(tiny_model_dir) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     with pytest.raises(SafeSteerError, match=r"learner.lora.target_modules=\['c_attn'\]"):
         add_lora(model, LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=["c_attn"]))
+
+
+def test_learner_teacher_scores_like_the_teacher_actor(tiny_model_dir) -> None:
+    """teacher.backend=learner: a LoRA rank's model with trained (non-zero) adapters, switched off and
+    steered, scores exactly like the separate teacher (the original weights plus the hook), on
+    steered and anchor rows; with the adapters on it would not. The adapters are on again afterwards."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from safesteer.core.steering import SteeringVector, Teacher, vector_bytes
+    from safesteer.core.tokens import SafetyTokens
+    from safesteer.learner import LoraSettings, add_lora
+    from safesteer.models import load_tokenizer
+    from safesteer.teacher import LearnerTeacher, TeacherConfig, score_completions
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = load_tokenizer(str(tiny_model_dir))
+    hidden = base.config.hidden_size
+    torch.manual_seed(1)
+    sv = SteeringVector(vector=torch.randn(hidden), layer=2, coeff=4.0, method="test")
+    cfg = TeacherConfig(
+        backend="learner", kind="vector", anchor_coeff=-0.5, gate="label", coeff=None, positions="prompt",
+        system_prompt=None, topk=5, num_actors=1, chunk_size=3, batch_size=2, bf16=False,
+        num_cpus=1, num_gpus=0, threads=1, resources={},
+    )  # fmt: skip
+    ids = [5, 17, 200, 301]
+    tokens = SafetyTokens(
+        ids=ids, strings=[tok.decode([i]) for i in ids], scores=[1.0] * 4, p_base=[0.0] * 4,
+        p_steered=[0.0] * 4, method="kl", student_mass=0.0, steered_mass=0.0,
+    )  # fmt: skip
+    model = copy.deepcopy(base)
+    adapters = add_lora(
+        model, LoraSettings(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "down_proj"])
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    model.train()
+    ins = ["How do I pick a lock?", "Name a fruit.", "Write a poem about rain.", "How do I hack email?"]
+    comps = [[11, 12, 13, 14], [21, 22], [31, 32, 33], [41]]
+    steer = [True, False, False, True]
+    got = LearnerTeacher(model, adapters, cfg, vector_bytes(sv), tokens, "ids", tok).score(ins, comps, steer)
+    assert model.training  # put back as it was
+    teacher = Teacher(kind="vector", vector=sv, anchor_coeff=-0.5, positions="prompt")
+    want = score_completions(base, tok, teacher, ins, comps, "ids", torch.tensor(ids), 0, 3, 2, steer)
+    torch.testing.assert_close(got["teacher"]["logprobs"], want["logprobs"], atol=1e-5, rtol=0)
+    with torch.no_grad():  # the adapters are back on: the student's own scores differ
+        student = score_completions(model, tok, teacher, ins, comps, "ids", torch.tensor(ids), 0, 3, 2, steer)
+    assert not torch.allclose(student["logprobs"], want["logprobs"], atol=1e-3)

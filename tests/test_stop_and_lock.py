@@ -81,6 +81,43 @@ def test_the_safe_point_raises_with_what_it_saved(stop):
     )
 
 
+# A driver blocked in ray.get on a long call (an evaluation's generation takes minutes on a real model).
+BLOCKED_GET = r"""
+import os, signal, sys, threading, time
+import ray
+from safesteer.interrupts import STOP, cause
+ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR")
+STOP.install()
+STOP.at("evaluation of the original model")
+@ray.remote
+def generate():
+    time.sleep(120)
+threading.Timer(3.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+t = time.monotonic()
+try:
+    ray.get(generate.remote())
+    print("RESULT returned")
+except BaseException as e:
+    stop = cause(e)
+    print(f"RESULT {stop.signum if stop else None} {stop.stage if stop else None} {time.monotonic() - t:.1f}")
+ray.shutdown()
+"""
+
+
+def test_a_signal_interrupts_a_blocked_ray_get_at_once():
+    """Real Ray: Ray's ``ray.get`` gives up on a signal only for a KeyboardInterrupt (anything else it
+    ignores until the call returns); the stop comes out at once and maps back to what was signalled."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", BLOCKED_GET], capture_output=True, text=True, timeout=110)
+    line = next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))
+    parts = line.split()
+    assert parts[1] == str(int(signal.SIGINT)), p.stdout + p.stderr[-2000:]
+    assert " ".join(parts[2:-1]) == "evaluation of the original model"
+    assert float(parts[-1]) < 30  # the call would have taken 120 s
+
+
 def test_the_resume_command_keeps_the_overrides_and_names_the_directory():
     argv = [
         "+experiment=smoke",

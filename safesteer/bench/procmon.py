@@ -4,7 +4,10 @@ Each process's peak resident set size is the kernel's high-water mark (``VmHWM``
 ``/proc/PID/status``), read every ``interval`` seconds while the process lives, so the figure is
 exact up to what happens in its last ``interval``. Ray actors are named by their process title
 (``ray::RolloutWorker`` ...); Ray's own daemons and idle workers count as ``ray_system``. The largest
-sum of current RSS over the whole tree is kept too (it counts shared pages once per process).
+sum of current RSS over the whole tree is kept too (it counts shared pages once per process, and
+pages of files a process maps, e.g. safetensors weights read through mmap, which the kernel can
+drop); so is the largest sum of anonymous and shared-memory pages (``RssAnon + RssShmem``: what
+cannot be dropped, each file-backed page left out), the figure to hold against the machine's memory.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class TreeMonitor(threading.Thread):
         self.seen: dict[tuple[int, float], dict] = {}  # (pid, create_time) -> record
         self._handles: dict[tuple[int, float], psutil.Process] = {}
         self.total_peak_mb = 0.0
+        self.anon_peak_mb = 0.0
 
     def _tree(self) -> list[psutil.Process]:
         procs = []
@@ -68,7 +72,7 @@ class TreeMonitor(threading.Thread):
         return procs
 
     def sample(self) -> None:
-        total = 0.0
+        total = anon = 0.0
         for p in self._tree():
             try:
                 key = (p.pid, p.create_time())
@@ -79,6 +83,7 @@ class TreeMonitor(threading.Thread):
             hwm = _status_kib(p.pid, "VmHWM")
             peak = hwm / 1024 if hwm is not None else rss
             total += rss
+            anon += sum(_status_kib(p.pid, k) or 0 for k in ("RssAnon", "RssShmem")) / 1024
             rec = self.seen.get(key)
             role = classify(cmd, p.pid == self.root_pid)
             if rec is None:
@@ -89,6 +94,7 @@ class TreeMonitor(threading.Thread):
                 rec["role"], rec["name"] = role, cmd.strip()[:120]  # an idle Ray worker became an actor
             rec["peak_rss_mb"] = max(rec["peak_rss_mb"], peak)
         self.total_peak_mb = max(self.total_peak_mb, total)
+        self.anon_peak_mb = max(self.anon_peak_mb, anon)
 
     def run(self) -> None:
         while not self._halt.is_set():
@@ -113,7 +119,7 @@ class TreeMonitor(threading.Thread):
         return sorted(self.seen.values(), key=lambda r: (r["role"], r["pid"]))
 
 
-def memory_summary(processes: list[dict], total_peak_mb: float) -> dict:
+def memory_summary(processes: list[dict], total_peak_mb: float, anon_peak_mb: float = 0.0) -> dict:
     """Per-role figures: the largest peak among a role's processes, and how many there were."""
     by_role: dict[str, dict] = {}
     for p in processes:
@@ -121,7 +127,12 @@ def memory_summary(processes: list[dict], total_peak_mb: float) -> dict:
         r["count"] += 1
         r["max_peak_rss_mb"] = max(r["max_peak_rss_mb"], p["peak_rss_mb"])
         r["sum_peak_rss_mb"] += p["peak_rss_mb"]
-    return {"processes": processes, "by_role": by_role, "tree_peak_rss_mb": total_peak_mb}
+    return {
+        "processes": processes,
+        "by_role": by_role,
+        "tree_peak_rss_mb": total_peak_mb,
+        "tree_peak_anon_mb": anon_peak_mb,
+    }
 
 
 def run_monitored(
@@ -167,7 +178,7 @@ def run_monitored(
         "timed_out": timed_out,
         "process_wall_s": wall,
         "leftover_processes": len(leftover),
-        "memory": memory_summary(mon.processes(), mon.total_peak_mb),
+        "memory": memory_summary(mon.processes(), mon.total_peak_mb, mon.anon_peak_mb),
     }
 
 
@@ -193,3 +204,37 @@ def _terminate(procs: list[psutil.Process]) -> None:
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=5)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m safesteer.bench.procmon OUT.json -- CMD ...``: run CMD (its output to OUT.log) and
+    write its exit status, wall time and the peak memory of it and of every process it started."""
+    import argparse
+    import json
+    import os
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m safesteer.bench.procmon", description=main.__doc__)
+    ap.add_argument("out", type=Path, help="where the JSON summary goes (the log beside it, .log)")
+    ap.add_argument("--timeout-s", type=float, default=6 * 3600)
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command")
+    args = ap.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        ap.error("no command given (put it after --)")
+    res = run_monitored(cmd, args.out.with_suffix(".log"), dict(os.environ), Path.cwd(), args.timeout_s)
+    res["cmd"] = cmd
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, args.out)
+    mem = res["memory"]
+    print(
+        f"rc={res['returncode']} wall={res['process_wall_s']:.0f}s all processes: peak RSS sum "
+        f"{mem['tree_peak_rss_mb'] / 1024:.2f} GiB, peak anonymous sum {mem['tree_peak_anon_mb'] / 1024:.2f} GiB",
+        file=sys.stderr,
+    )
+    return 0 if res["returncode"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

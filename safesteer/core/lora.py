@@ -1,34 +1,75 @@
 """LoRA adapters folded into the base weights: what the rollout engines load and the export writes.
 
 With ``learner.lora.r > 0`` the learners train low-rank adapters (peft) on the student's linear
-layers: a layer's weight is ``W + scaling * B @ A``, ``scaling = alpha / r``. peft keeps ``W`` at
-``<layer>.base_layer.weight`` and the factors at ``<layer>.lora_A.<adapter>.weight`` and
-``<layer>.lora_B.<adapter>.weight``; :func:`merged_state` turns such a state dict back into the
-model's own names and weights, without touching the modules.
+layers: a layer's weight is ``W + scaling * B @ A``, ``scaling = alpha / r``. peft keeps the factors
+at ``<layer>.lora_A.<adapter>.weight`` and ``<layer>.lora_B.<adapter>.weight``.
+
+What crosses the object store is the factors only (megabytes, not a model copy): a *factor blob*,
+safetensors with ``<layer>.lora_A.weight`` / ``<layer>.lora_B.weight`` under the model's own layer
+names and the scaling in its metadata. The receiver adds ``scaling * B @ A`` to the base weights it
+reads one tensor at a time from the checkpoint on disk (:func:`merged_weights`), so neither side
+holds a second copy of the model.
 """
 
 from __future__ import annotations
 
+import json
+
 import torch
 
-BASE = ".base_layer."
+FORMAT = "safesteer-lora-factors"
+A, B = ".lora_A.weight", ".lora_B.weight"
 
 
-def merged_state(state: dict[str, torch.Tensor], scaling: float, adapter: str = "default") -> dict:
-    """The plain state dict of a model with LoRA layers: every ``base_layer`` weight plus its
-    adapter's ``scaling * B @ A`` (computed in float32), under the layer's own name; the factors dropped."""
+def factor_blob(state: dict[str, torch.Tensor], scaling: float, adapter: str = "default") -> bytes:
+    """The adapter's factors out of a peft-injected state dict, as a factor blob."""
+    from safetensors.torch import save
+
     out = {}
     for name, value in state.items():
-        if ".lora_A." in name or ".lora_B." in name:
-            continue
-        if BASE not in name:
-            out[name] = value
-            continue
-        plain = name.replace(BASE, ".")
-        prefix, _, kind = name.rpartition(BASE)
-        a = state.get(f"{prefix}.lora_A.{adapter}.weight")
-        if kind == "weight" and a is not None:
-            b = state[f"{prefix}.lora_B.{adapter}.weight"]
-            value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
-        out[plain] = value
-    return out
+        for kind, suffix in (("lora_A", A), ("lora_B", B)):
+            tag = f".{kind}.{adapter}.weight"
+            if name.endswith(tag):
+                out[name[: -len(tag)] + suffix] = value.detach().float().cpu().contiguous()
+    return save(out, metadata={"format": FORMAT, "scaling": repr(float(scaling))})
+
+
+def _metadata(blob: bytes) -> dict:
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + n]).get("__metadata__") or {}
+
+
+def is_factor_blob(blob: bytes) -> bool:
+    """Whether a blob is a factor blob (else: plain weights, or not safetensors at all)."""
+    try:
+        return _metadata(blob).get("format") == FORMAT
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def load_factors(blob: bytes) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+    """``{layer: (A, B)}`` and the scaling of a factor blob."""
+    from safetensors.torch import load
+
+    tensors = load(blob)
+    layers = {n[: -len(A)]: (tensors[n], tensors[n[: -len(A)] + B]) for n in tensors if n.endswith(A)}
+    return layers, float(_metadata(blob)["scaling"])
+
+
+def merged_weights(blob: bytes, read_base, dtype: torch.dtype | None = None):
+    """``(name, W + scaling * B @ A)`` for every adapted layer of a factor blob, one at a time:
+    ``read_base(name)`` gives the base weight (e.g. :func:`safesteer.models.checkpoint_reader`); the
+    sum is computed in float32 and cast to ``dtype`` (None: the base weight's)."""
+    layers, scaling = load_factors(blob)
+    for layer, (a, b) in layers.items():
+        name = f"{layer}.weight"
+        base = read_base(name)
+        merged = base.float() + scaling * (b @ a)
+        yield name, merged.to(dtype or base.dtype)
+
+
+def peft_adapter(blob: bytes) -> bytes:
+    """A factor blob as peft's ``adapter_model.safetensors`` (keys under ``base_model.model.``)."""
+    from safetensors.torch import load, save
+
+    return save({f"base_model.model.{k}": v for k, v in load(blob).items()})

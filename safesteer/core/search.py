@@ -46,11 +46,14 @@ COMPLYING_PREFIXES = (
 # ------------------------------------------------------------------------------------- candidates
 @torch.no_grad()
 def mean_block_inputs(
-    model, tok, texts: Sequence[str], n_positions: int, batch_size: int = 16
+    model, tok, texts: Sequence[str], n_positions: int, batch_size: int = 16, bar=None
 ) -> torch.Tensor:
-    """Mean block input over ``texts`` at their last ``n_positions`` tokens: (L, n_positions, D) float32."""
+    """Mean block input over ``texts`` at their last ``n_positions`` tokens: (L, n_positions, D) float32.
+    ``bar`` (a progress bar, optional) advances by one per text."""
     total = None
     for chunk in batches(texts, batch_size):
+        if bar is not None:
+            bar.update(len(chunk))
         enc = encode(tok, chunk, model.device)
         hs = model(
             **enc, output_hidden_states=True
@@ -62,25 +65,27 @@ def mean_block_inputs(
 
 
 def diff_in_means_candidates(
-    model, tok, harmful: Sequence[str], harmless: Sequence[str], batch_size: int = 16
+    model, tok, harmful: Sequence[str], harmless: Sequence[str], batch_size: int = 16, bar=None
 ):
     """Reference candidates r[l, pos] = mean(harmful) - mean(harmless) at post-instruction positions.
 
     Returns (L, P, D) float32 with P = number of post-instruction tokens (position -P .. -1).
     """
     n_pos = len(post_instruction_tokens(tok))
-    h = mean_block_inputs(model, tok, chat_texts(tok, harmful), n_pos, batch_size)
-    b = mean_block_inputs(model, tok, chat_texts(tok, harmless), n_pos, batch_size)
+    h = mean_block_inputs(model, tok, chat_texts(tok, harmful), n_pos, batch_size, bar)
+    b = mean_block_inputs(model, tok, chat_texts(tok, harmless), n_pos, batch_size, bar)
     return h - b
 
 
-def contrastive_candidates(model, tok, harmful: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+def contrastive_candidates(
+    model, tok, harmful: Sequence[str], batch_size: int = 16, bar=None
+) -> torch.Tensor:
     """mean(refusing answer prefix) - mean(complying answer prefix) at the last token: (L, 1, D)."""
     prompts = chat_texts(tok, harmful)
     refuse = [p + REFUSING_PREFIXES[i % len(REFUSING_PREFIXES)] for i, p in enumerate(prompts)]
     comply = [p + COMPLYING_PREFIXES[i % len(COMPLYING_PREFIXES)] for i, p in enumerate(prompts)]
-    return mean_block_inputs(model, tok, refuse, 1, batch_size) - mean_block_inputs(
-        model, tok, comply, 1, batch_size
+    return mean_block_inputs(model, tok, refuse, 1, batch_size, bar) - mean_block_inputs(
+        model, tok, comply, 1, batch_size, bar
     )
 
 

@@ -7,6 +7,8 @@ waits at most ``cluster.placement_timeout_s`` and then names what is missing.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import socket
@@ -48,6 +50,16 @@ def configure_threads(n: int) -> None:
     os.environ["OMP_NUM_THREADS"] = str(n)
     os.environ["MKL_NUM_THREADS"] = str(n)
     torch.set_num_threads(max(1, int(n)))
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op).
+    A learner step or an engine's weight reload frees gigabytes of temporaries (activations,
+    per-layer copies) that glibc would otherwise keep resident while the other roles work."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from safesteer import learner_state
-from safesteer.actors import Placement, configure_threads
+from safesteer.actors import Placement, configure_threads, release_freed_memory
 from safesteer.core.batch import split, trim
 from safesteer.core.lora import factor_blob
 from safesteer.core.loss import (
@@ -360,6 +360,7 @@ class LearnerWorker:
             for k, v in stats.items():
                 totals[k] += v
         skipped = self.engine.skipped_steps > skipped_before
+        release_freed_memory()
         if not skipped:
             self.steps += 1
         grad_norm = self.engine.get_global_grad_norm()

@@ -13,12 +13,13 @@ from the learners after every optimizer step, before it generates again:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from safesteer.actors import Placement, configure_threads
+from safesteer.actors import Placement, configure_threads, release_freed_memory
 from safesteer.core.lora import is_factor_blob, merged_weights
 from safesteer.models import CheckpointReader
 from safesteer.schema import option, require
@@ -76,11 +77,30 @@ class WeightSyncExtension:
         from safetensors.torch import load
 
         if is_factor_blob(blob):
-            weights = merged_weights(blob, CheckpointReader(self.model_config.model))
+            # a partial reload by design: vLLM's warning would list every untouched tensor each step
+            logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_partial_reload)
+            read = CheckpointReader(self.model_config.model)
+            weights = with_biases(merged_weights(blob, read), read)
         else:
             weights = iter(load(blob).items())
         self.reload_weights(weights_iterator=weights)
+        release_freed_memory()
         return hashlib.sha256(blob).hexdigest()
+
+
+def _partial_reload(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Following weights were not loaded")
+
+
+def with_biases(weights, read: CheckpointReader):
+    """Each merged ``*.weight`` followed by its base ``*.bias`` (when the checkpoint has one): vLLM
+    repacks a layer as soon as all of its tensors have arrived and holds it until then, so a layer
+    that never gets its bias (Qwen2's q/k/v projections) would be held to the end of the reload."""
+    for name, tensor in weights:
+        yield name, tensor
+        bias = name.removesuffix("weight") + "bias"
+        if bias != name and bias in read.where:
+            yield bias, read(bias)
 
 
 def engine_kwargs(
@@ -147,6 +167,7 @@ class RolloutWorker:
         self.version = 0
         self.llm = LLM(**engine_kwargs(model_path, cfg, dtype, seed, device, trust_remote_code))
         self.weights_sha256 = None
+        release_freed_memory()  # the load's and the profile run's temporaries
 
     def generate(
         self,

@@ -13,8 +13,8 @@ Three backends (``teacher.backend``): ``hf``, a transformers model with the hook
 its worker (:class:`SteeringExtension`) that returns the safety ids' log-probs at every completion
 position in one prefill (``SamplingParams.prompt_logprob_token_ids``, vLLM's V2 model runner);
 ``learner``, no actor of its own: with LoRA the learner ranks hold the original weights frozen under
-the adapters, and score with the adapters switched off and the hook on (:class:`LearnerTeacher`),
-which saves a whole model copy.
+the adapters, and score with the adapters switched off and the hook on (:class:`LearnerTeacher`):
+no teacher process (on GPUs, no model copy of its own).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safesteer.actors import Placement, configure_threads
+from safesteer.actors import Placement, configure_threads, release_freed_memory
 from safesteer.core.batch import collate, completion_slice
 from safesteer.core.generation import chat_texts
 from safesteer.core.probe import last_token_states
@@ -206,6 +206,7 @@ class HFScoring:
         out = {k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in out.items()}
         if "logprobs" in out and out["logprobs"].dim() == 3 and self.output == "full":
             out["logprobs"] = out["logprobs"].to(torch.bfloat16)  # the ablation's (B,C,V) payload, halved
+        release_freed_memory()  # the forward passes' activations, freed, leave the heap
         return out
 
 

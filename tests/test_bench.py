@@ -128,18 +128,40 @@ def test_memory_of_a_process_tree_is_sampled_per_process(tmp_path):
     assert res["leftover_processes"] == 0
 
 
+def test_procmon_counts_shared_pages_once_in_pss(tmp_path):
+    """A parent touching 300 MiB forks a child that shares them (copy-on-write): the RSS sum counts
+    them twice, the PSS sum once."""
+    script = textwrap.dedent(
+        """
+        import os, time
+        hold = bytearray(300 * 2**20)
+        if os.fork() == 0:
+            time.sleep(2.0)
+            os._exit(0)
+        time.sleep(2.0)
+        os.wait()
+        """
+    )
+    res = run_monitored([sys.executable, "-c", script], tmp_path / "log", None, tmp_path, 60, 0.1, 0.1)
+    mem = res["memory"]
+    assert res["returncode"] == 0 and mem["tree_peak_rss_mb"] >= 600
+    assert 300 <= mem["tree_peak_pss_mb"] < 0.75 * mem["tree_peak_rss_mb"]
+    assert abs(sum(mem["pss_peak_by_role_mb"].values()) - mem["tree_peak_pss_mb"]) < 1
+
+
 def test_procmon_command_writes_the_peak_of_a_command(tmp_path):
     """``python -m safesteer.bench.procmon OUT -- CMD``: the summary of a real child holding ~200 MiB,
     and the child's exit status passed on."""
     out = tmp_path / "mem.json"
     hold = "hold = bytearray(200 * 2**20); import time; time.sleep(1.5)"
-    p = subprocess.run([sys.executable, "-m", "safesteer.bench.procmon", str(out), "--", sys.executable, "-c", hold],
+    p = subprocess.run([sys.executable, "-m", "safesteer.bench.procmon", str(out), "--pss-interval", "0.2", "--", sys.executable, "-c", hold],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert p.returncode == 0, p.stderr
     res = json.loads(out.read_text())
     assert res["returncode"] == 0 and res["memory"]["tree_peak_rss_mb"] >= 200
     assert 200 <= res["memory"]["tree_peak_anon_mb"] <= res["memory"]["tree_peak_rss_mb"]
     assert "peak anonymous sum" in p.stderr
+    assert 200 <= res["memory"]["tree_peak_pss_mb"] <= res["memory"]["tree_peak_rss_mb"]
     fail = [
         sys.executable,
         "-m",

@@ -156,3 +156,49 @@ def test_learner_teacher_scores_like_the_teacher_actor(tiny_model_dir) -> None:
     with torch.no_grad():  # the adapters are back on: the student's own scores differ
         student = score_completions(model, tok, teacher, ins, comps, "ids", torch.tensor(ids), 0, 3, 2, steer)
     assert not torch.allclose(student["logprobs"], want["logprobs"], atol=1e-3)
+
+
+def test_merged_weights_reach_the_engine_with_their_biases(tmp_path) -> None:
+    """The reload stream puts each layer's base bias right after its merged weight (vLLM repacks a
+    layer only once all of its tensors have arrived), and only biases the checkpoint has."""
+    from safetensors.torch import save_file
+
+    from safesteer.actors import release_freed_memory
+    from safesteer.models import CheckpointReader
+    from safesteer.rollout import with_biases
+
+    names = ["l.q_proj.weight", "l.q_proj.bias", "l.o_proj.weight", "l.norm.weight"]
+    save_file({n: torch.full((2, 2) if n.endswith("weight") else (2,), float(i)) for i, n in enumerate(names)},
+              tmp_path / "model.safetensors")  # fmt: skip
+    read = CheckpointReader(str(tmp_path))
+    merged = [("l.q_proj.weight", torch.zeros(2, 2)), ("l.o_proj.weight", torch.ones(2, 2))]
+    out = list(with_biases(iter(merged), read))
+    assert [n for n, _ in out] == ["l.q_proj.weight", "l.q_proj.bias", "l.o_proj.weight"]
+    assert torch.equal(out[0][1], torch.zeros(2, 2)) and torch.equal(out[1][1], torch.full((2,), 1.0))
+    release_freed_memory()  # glibc: malloc_trim; must not fail anywhere
+
+
+def test_release_freed_memory_returns_a_fragmented_heap() -> None:
+    """Freed 64 KiB tensors below a live one stay resident until ``release_freed_memory`` (glibc keeps
+    them in the heap): what a learner step or a weight reload leaves behind."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import torch
+        from safesteer.actors import release_freed_memory
+        def anon():
+            return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) / 1024
+        held = [torch.ones(16 * 1024) for _ in range(5000)]  # 64 KiB each, ~320 MiB
+        top = torch.ones(16 * 1024)
+        del held
+        before = anon()
+        release_freed_memory()
+        print(before - anon())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split()[-1]) > 200  # MiB given back

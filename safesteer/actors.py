@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import socket
@@ -56,10 +57,15 @@ def release_freed_memory() -> None:
     """Give the heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op).
     A learner step or an engine's weight reload frees gigabytes of temporaries (activations,
     per-layer copies) that glibc would otherwise keep resident while the other roles work."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
+    libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")  # runs ldconfig: once per process
+    return ctypes.CDLL(name) if name else None
 
 
 def free_port() -> int:

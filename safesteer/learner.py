@@ -423,8 +423,9 @@ class LearnerWorker:
         return save(state)
 
     def export_adapter(self) -> dict[str, bytes] | None:
-        """The trained LoRA adapter as peft writes it (``adapter_model.safetensors`` and
-        ``adapter_config.json``), on rank 0; None elsewhere or without LoRA."""
+        """peft's files for the trained LoRA adapter but its weights (``adapter_config.json``, its
+        README), on rank 0; None elsewhere or without LoRA. The weights of the exported step come
+        from its factor blob (:func:`safesteer.core.lora.peft_adapter`)."""
         if self.adapters is None or self.rank != 0:
             return None
         import tempfile
@@ -432,7 +433,8 @@ class LearnerWorker:
 
         with tempfile.TemporaryDirectory() as tmp:
             self.adapters.save_pretrained(tmp, safe_serialization=True)
-            return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+            files = [p for p in Path(tmp).iterdir() if p.is_file() and p.suffix != ".safetensors"]
+            return {p.name: p.read_bytes() for p in files}
 
     def init_weight_transfer(self, rollout_handles, master_addr: str, master_port: int, tp: int) -> None:
         """Join the NCCL weight-transfer group with the rollout engines (``rollout.weight_sync=nccl``)."""

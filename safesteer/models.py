@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safesteer.core.blobs import header
 from safesteer.errors import SafeSteerError
 from safesteer.paths import atomic_dir, cache_dir
 from safesteer.schema import option
@@ -257,8 +258,7 @@ def check_architecture(path: str, trust_remote_code: bool = False):
 
 def weight_names(blob: bytes) -> set[str]:
     """The tensor names in safetensors bytes (from the header; no tensor is read)."""
-    n = int.from_bytes(blob[:8], "little")
-    return {k for k in json.loads(blob[8 : 8 + n]) if k != "__metadata__"}
+    return {k for k in header(blob) if k != "__metadata__"}
 
 
 class CheckpointReader:

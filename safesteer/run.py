@@ -175,7 +175,7 @@ def export_model(run_dir: Path, model_path: str, blob: bytes, prepared, adapter:
         for p in (prepared.vector_path, prepared.tokens_path):
             if p is not None and Path(p).is_file():
                 shutil.copy2(p, tmp / Path(p).name)
-        if adapter:  # peft's files; the weights those of the exported step
+        if adapter:  # peft's files, with the weights of the exported step
             (tmp / "adapter").mkdir()
             for name, data in adapter.items():
                 (tmp / "adapter" / name).write_bytes(data)

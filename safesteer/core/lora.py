@@ -13,9 +13,9 @@ holds a second copy of the model.
 
 from __future__ import annotations
 
-import json
-
 import torch
+
+from safesteer.core.blobs import header
 
 FORMAT = "safesteer-lora-factors"
 A, B = ".lora_A.weight", ".lora_B.weight"
@@ -35,8 +35,7 @@ def factor_blob(state: dict[str, torch.Tensor], scaling: float, adapter: str = "
 
 
 def _metadata(blob: bytes) -> dict:
-    n = int.from_bytes(blob[:8], "little")
-    return json.loads(blob[8 : 8 + n]).get("__metadata__") or {}
+    return header(blob).get("__metadata__") or {}
 
 
 def is_factor_blob(blob: bytes) -> bool:

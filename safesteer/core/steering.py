@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from safesteer.core.blobs import header
 from safesteer.core.generation import chat_texts
 from safesteer.core.probe import HarmProbe
 from safesteer.errors import SafeSteerError
@@ -63,9 +64,7 @@ def _parse_vector(blob: bytes, where: str) -> SteeringVector:
     from safetensors.torch import load
 
     try:
-        n = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8 : 8 + n])
-        meta = header.get("__metadata__") or {}
+        meta = header(blob).get("__metadata__") or {}
         tensors = load(blob)
         vec = tensors["vector"]
     except (SafetensorError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:

@@ -33,7 +33,7 @@ from safesteer.errors import SafeSteerError
 from safesteer.interrupts import STOP
 from safesteer.metrics import MetricsLog, Stopwatch, step_row
 from safesteer.schema import group, option, require
-from safesteer.select import SelectConfig
+from safesteer.selection import SelectConfig
 from safesteer.workers import LearnerFailure, Workers
 
 
@@ -185,7 +185,7 @@ def distill(
     original model (conditional steering: the teacher steers the training prompts only).
     ``resume`` continues from a checkpoint; ``keep_files`` (steering vector, safety tokens) and
     ``extra_state`` are stored in every checkpoint so that a resumed run needs nothing else.
-    ``selector`` (:class:`safesteer.select.Selector`) validates every few steps and keeps the best weights.
+    ``selector`` (:class:`safesteer.selection.Selector`) validates every few steps and keeps the best weights.
     """
     plan = [s.prompts for s in schedule(len(instructions), cfg, len(anchors[0]), pairs)]
     prompts = Prompts(instructions + list(anchors[0]), prompt_ids + list(anchors[1]), len(instructions))

@@ -192,7 +192,7 @@ def write_profile(where: str, learner, path: str, lcfg, batch: dict, safety, dev
 def check(args) -> dict:
     from safetensors.torch import load as load_safetensors
 
-    from safesteer.actors import free_port
+    from safesteer.cluster import free_port
     from safesteer.core.batch import collate, to_sequence_positions
     from safesteer.core.generation import chat_texts, generate
     from safesteer.data import load_prompts

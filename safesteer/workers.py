@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from safesteer.actors import Role, cluster_check, free_port, placement, spawn
+from safesteer.cluster import Role, cluster_check, free_port, placement, spawn
 from safesteer.core.batch import interleave, merge_teacher_shards, split
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError

@@ -114,10 +114,12 @@ def test_layer_index_out_of_range(tmp_path):
 def test_steering_vector_width_does_not_match_the_model(tmp_path):
     import torch
 
-    from safesteer.core.steering import SteeringVector, save_vector
+    from safesteer.core.steering import SteeringVector, vector_bytes
 
     vec = tmp_path / "narrow.safetensors"
-    save_vector(SteeringVector(vector=torch.ones(32), layer=1, coeff=1.0, method="contrastive"), vec)
+    vec.write_bytes(
+        vector_bytes(SteeringVector(vector=torch.ones(32), layer=1, coeff=1.0, method="contrastive"))
+    )
     p = run(tmp_path / "run", f"steering.vector={vec}")
     refused(p, tmp_path / "run", str(vec), "width 32", "hidden size is 64")
 
@@ -125,10 +127,12 @@ def test_steering_vector_width_does_not_match_the_model(tmp_path):
 def test_steering_vector_built_for_a_deeper_model(tmp_path):
     import torch
 
-    from safesteer.core.steering import SteeringVector, save_vector
+    from safesteer.core.steering import SteeringVector, vector_bytes
 
     vec = tmp_path / "deep.safetensors"
-    save_vector(SteeringVector(vector=torch.ones(64), layer=20, coeff=1.0, method="contrastive"), vec)
+    vec.write_bytes(
+        vector_bytes(SteeringVector(vector=torch.ones(64), layer=20, coeff=1.0, method="contrastive"))
+    )
     p = run(tmp_path / "run", f"steering.vector={vec}")
     refused(p, tmp_path / "run", str(vec), "steering layer 20", "4-layer model")
 

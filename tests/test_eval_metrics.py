@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from hydra import compose, initialize_config_dir
 
-from safesteer import eval as ev
+from safesteer import evaluate as ev
 from safesteer.config import CONF_DIR
 from safesteer.data import Prompt
 

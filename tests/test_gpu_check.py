@@ -24,7 +24,7 @@ def gpu_check(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prep")
-    cmd = [sys.executable, "-m", "safesteer.steer", "+experiment=smoke", f"hydra.run.dir={out}"]
+    cmd = [sys.executable, "-m", "safesteer.prepare", "+experiment=smoke", f"hydra.run.dir={out}"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     return out

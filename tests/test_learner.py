@@ -163,7 +163,7 @@ def test_merged_weights_reach_the_engine_with_their_biases(tmp_path) -> None:
     layer only once all of its tensors have arrived), and only biases the checkpoint has."""
     from safetensors.torch import save_file
 
-    from safesteer.actors import release_freed_memory
+    from safesteer.cluster import release_freed_memory
     from safesteer.models import CheckpointReader
     from safesteer.rollout import with_biases
 
@@ -188,7 +188,7 @@ def test_release_freed_memory_returns_a_fragmented_heap() -> None:
     script = textwrap.dedent(
         """
         import torch
-        from safesteer.actors import release_freed_memory
+        from safesteer.cluster import release_freed_memory
         def anon():
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) / 1024
         held = [torch.ones(16 * 1024) for _ in range(5000)]  # 64 KiB each, ~320 MiB

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 import safesteer.models as models
+from safesteer.core.steering import SUPPORTED_LAYER_PATH, decoder_layers
 from safesteer.errors import SafeSteerError
 from safesteer.models import (
     DEFAULT_MODEL,
     MANIFEST,
     convert_gguf,
-    decoder_layers,
     prepare_default_model,
     resolve_model_path,
     verify_checkpoint,
@@ -413,7 +413,7 @@ def test_decoder_layers_rejects_unsupported_architectures() -> None:
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, n_positions=64))
     with pytest.raises(SafeSteerError, match="GPT2LMHeadModel") as e:
         decoder_layers(model)
-    assert models.SUPPORTED_LAYER_PATH in str(e.value)
+    assert SUPPORTED_LAYER_PATH in str(e.value)
 
 
 def test_decoder_layers_on_a_llama() -> None:

@@ -133,12 +133,12 @@ def group(tmp_path_factory):
     from hydra import compose, initialize_config_dir
     from transformers import AutoTokenizer
 
-    from safesteer.actors import connect
+    from safesteer.cluster import connect
     from safesteer.config import CONF_DIR, validate
     from safesteer.core.tokens import SafetyTokens
     from safesteer.models import resolve_model_path
+    from safesteer.prepare import prepare
     from safesteer.schema import typed
-    from safesteer.steer import prepare
     from safesteer.workers import Workers, roles
 
     with initialize_config_dir(str(CONF_DIR), version_base=None):
@@ -188,7 +188,7 @@ def test_teacher_and_learners_confirm_the_drivers_safety_tokens(group):
 
 
 def test_teacher_is_measured_on_every_evaluation_set(group):
-    from safesteer.steer import measure_teacher
+    from safesteer.prepare import measure_teacher
 
     cfg = group["cfg"]
     rates = measure_teacher(cfg, group["prepared"], group["model_path"], n=2, max_new_tokens=4)

@@ -14,7 +14,7 @@ from safesteer.core.probe import (
     last_token_states,
     mean_difference,
 )
-from safesteer.core.steering import SteeringVector, load_vector, save_vector
+from safesteer.core.steering import SteeringVector, load_vector, vector_bytes
 
 
 def test_auroc_and_balanced_threshold_on_separable_and_overlapping_scores() -> None:
@@ -81,12 +81,12 @@ def test_probe_travels_in_the_vector_file(tmp_path) -> None:
         method="contrastive",
         probe=HarmProbe(u, 5, 0.25, {"auroc": 0.9}),
     )
-    save_vector(sv, tmp_path / "v.safetensors")
+    (tmp_path / "v.safetensors").write_bytes(vector_bytes(sv))
     back = load_vector(tmp_path / "v.safetensors", hidden_size=16)
     assert back.probe is not None and back.probe.layer == 5 and back.probe.threshold == 0.25
     assert torch.equal(back.probe.direction, u) and back.probe.metrics == {"auroc": 0.9}
     plain = SteeringVector(vector=torch.randn(16), layer=3, coeff=0.6, method="contrastive")
-    save_vector(plain, tmp_path / "p.safetensors")
+    (tmp_path / "p.safetensors").write_bytes(vector_bytes(plain))
     assert load_vector(tmp_path / "p.safetensors").probe is None
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from safesteer import eval as ev
+from safesteer import evaluate as ev
 from safesteer.core.tokens import SafetyTokens
 from safesteer.report import compare, write_report
 
@@ -137,7 +137,7 @@ def test_answer_records_carry_every_answer_and_the_verdicts_behind_the_rates():
 
 @pytest.mark.slow
 def test_eval_cli_compares_two_models_with_real_vllm(tmp_path):
-    """``python -m safesteer.eval`` on the tiny model against itself: real vLLM engines, zero KL."""
+    """``python -m safesteer.evaluate`` on the tiny model against itself: real vLLM engines, zero KL."""
     import subprocess
     import sys
     from pathlib import Path
@@ -146,7 +146,7 @@ def test_eval_cli_compares_two_models_with_real_vllm(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "safesteer.eval",
+        "safesteer.evaluate",
         "+experiment=smoke",
         "eval.model=tiny",
         # the classifier judge's plumbing, with the tiny model standing in for a classifier

@@ -1,10 +1,10 @@
-"""Tests for safesteer.select: the selectivity score and keeping the best step's weights."""
+"""Tests for safesteer.selection: the selectivity score and keeping the best step's weights."""
 
 from __future__ import annotations
 
 import json
 
-from safesteer.select import Selector, selectivity
+from safesteer.selection import Selector, selectivity
 
 REFUSE = "I'm sorry, but I can't help with that request."
 HELP = "Sure, here is a simple recipe you can follow at home tonight."

@@ -42,8 +42,8 @@ from safesteer.core.steering import (
     Teacher,
     ablation,
     load_vector,
-    save_vector,
     steering,
+    vector_bytes,
 )
 from safesteer.errors import SafeSteerError
 
@@ -267,18 +267,19 @@ def test_save_load_vector_round_trip(tmp_path: Path) -> None:
         provenance={"harmful": "direction_harmful_train", "n": 32, "seed": [1, 2]},
         metrics={"harmful_refusal": 0.94, "benign_refusal": 0.25},
     )
-    path = tmp_path / "sub" / "vec.safetensors"
-    save_vector(sv, path)
+    path = tmp_path / "vec.safetensors"
+    path.write_bytes(vector_bytes(sv))
     got = load_vector(path, hidden_size=64, num_layers=6)
     assert torch.equal(got.vector, sv.vector) and got.vector.dtype == torch.float32
     for name in ("layer", "coeff", "method", "position", "model", "provenance", "metrics"):
         assert getattr(got, name) == getattr(sv, name), name
-    assert sorted(p.name for p in path.parent.iterdir()) == ["vec.safetensors"]  # no temp files left
 
 
 def test_load_vector_checks_width_and_layer(tmp_path: Path) -> None:
     path = tmp_path / "v.safetensors"
-    save_vector(SteeringVector(vector=torch.ones(64), layer=5, coeff=1.0, method="diff_in_means"), path)
+    path.write_bytes(
+        vector_bytes(SteeringVector(vector=torch.ones(64), layer=5, coeff=1.0, method="diff_in_means"))
+    )
     assert load_vector(path, hidden_size=64, num_layers=6).layer == 5
     with pytest.raises(SafeSteerError, match="width 64"):
         load_vector(path, hidden_size=576)
@@ -571,16 +572,16 @@ def test_prepare_cache_key_changes_with_the_judge(tiny_model_dir, monkeypatch) -
     """The steering search is judged: a search made under another judge version is not reused."""
     from hydra import compose, initialize_config_dir
 
-    from safesteer import steer
+    from safesteer import prepare
     from safesteer.config import CONF_DIR
     from safesteer.core import judge
 
     with initialize_config_dir(str(CONF_DIR), version_base=None):
         cfg = compose("config")
-    key = steer.cache_key(cfg, str(tiny_model_dir))
-    assert steer.cache_key(cfg, str(tiny_model_dir)) == key
+    key = prepare.cache_key(cfg, str(tiny_model_dir))
+    assert prepare.cache_key(cfg, str(tiny_model_dir)) == key
     monkeypatch.setattr(judge, "VERSION", judge.VERSION + 1)
-    assert steer.cache_key(cfg, str(tiny_model_dir)) != key
+    assert prepare.cache_key(cfg, str(tiny_model_dir)) != key
 
 
 # ------------------------------------------------------------------------------ prompt-only steering

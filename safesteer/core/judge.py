@@ -106,7 +106,7 @@ HELP_MARKERS = (
 
 LABELS = ("refusal", "preamble", "comply", "degenerate")
 # Bumped whenever a verdict can change: the steering search is judged by this module, so the prepare
-# stage's cache key (safesteer.steer.cache_key) includes it.
+# stage's cache key (safesteer.prepare.cache_key) includes it.
 VERSION = 3
 
 _HELP = re.compile("|".join(r"(?<![a-z])" + re.escape(m) for m in HELP_MARKERS))
@@ -236,7 +236,7 @@ def rates(texts: Iterable[str]) -> dict[str, float]:
     return out
 
 
-# -- an optional classifier judge (a local safety classifier, run through vLLM by safesteer.eval) -------
+# -- an optional classifier judge (a local safety classifier, run through vLLM by safesteer.evaluate) -------
 
 CLASSIFIER_TEMPLATES = ("llamaguard", "harmbench")
 

@@ -2,7 +2,7 @@
 
 A *steering vector* r is added, scaled by ``coeff``, to the residual stream at the input of decoder
 block ``layer``, at every position (prompt and completion alike; :func:`steering`). Vectors are saved
-as safetensors with their metadata (:func:`save_vector`, :func:`load_vector`), never pickled. The
+as safetensors with their metadata (:func:`vector_bytes`, :func:`load_vector`), never pickled. The
 :class:`Teacher` is the frozen safety teacher: the model plus a vector, or plus a safety system prompt.
 
 How r is found and chosen: :mod:`safesteer.core.search`.
@@ -22,7 +22,6 @@ from safesteer.core.blobs import header
 from safesteer.core.generation import chat_texts
 from safesteer.core.probe import HarmProbe
 from safesteer.errors import SafeSteerError
-from safesteer.models import decoder_layers
 
 
 # ----------------------------------------------------------------------------------------- vectors
@@ -95,17 +94,10 @@ def load_vector_bytes(blob: bytes) -> SteeringVector:
     return _parse_vector(blob, "steering vector")
 
 
-def save_vector(sv: SteeringVector, path: str | Path) -> None:
-    """Write the vector as safetensors with its metadata (atomically)."""
-    from safesteer.paths import atomic_write_bytes
-
-    atomic_write_bytes(Path(path), vector_bytes(sv))
-
-
 def load_vector(
     path: str | Path, hidden_size: int | None = None, num_layers: int | None = None
 ) -> SteeringVector:
-    """Read a vector written by :func:`save_vector` and check it fits the model; never unpickles."""
+    """Read a vector written by :func:`vector_bytes` and check it fits the model; never unpickles."""
     path = Path(path)
     if not path.is_file():
         raise SafeSteerError(f"{path}: steering vector file not found")
@@ -179,6 +171,21 @@ class Teacher:
 
 
 # ------------------------------------------------------------------------------------------- hooks
+SUPPORTED_LAYER_PATH = "model.model.layers"
+
+
+def decoder_layers(model):
+    """The decoder blocks of an HF (or vLLM) causal LM (``model.model.layers``), or a clear error."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not hasattr(layers, "__len__") or len(layers) == 0:
+        arch = type(model).__name__
+        raise SafeSteerError(
+            f"unsupported model architecture {arch}: SafeSteer steers decoder blocks at "
+            f"{SUPPORTED_LAYER_PATH} (Llama, Qwen2/3, Mistral, Gemma families)"
+        )
+    return layers
+
+
 def _check_layer(model, layer: int) -> torch.nn.Module:
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):

@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,11 +63,6 @@ class SafetyTokens:
         learners' loss index by. The driver, the teachers and the learners must agree on it."""
         blob = json.dumps({"ids": list(self.ids), "strings": list(self.strings)}, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
-
-    def save(self, path: str | Path) -> None:
-        from safesteer.paths import atomic_write_json
-
-        atomic_write_json(Path(path), asdict(self))
 
     @classmethod
     def load(cls, path: str | Path, vocab_size: int | None = None) -> SafetyTokens:

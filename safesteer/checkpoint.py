@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import safe_open
+
 from safesteer.errors import SafeSteerError
 from safesteer.paths import atomic_dir, atomic_write_json
 
@@ -63,8 +65,6 @@ def load(path: Path) -> Checkpoint:
 
 
 def _check_safetensors(path: Path) -> None:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             f.metadata()

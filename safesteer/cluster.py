@@ -17,6 +17,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import ray
+import torch
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
 from safesteer.errors import SafeSteerError
 from safesteer.schema import option
 
@@ -46,8 +51,6 @@ class ClusterConfig:
 
 def configure_threads(n: int) -> None:
     """Pin torch/OpenMP threads inside an actor (Ray sets 1 for fractional CPU requests)."""
-    import torch
-
     os.environ["OMP_NUM_THREADS"] = str(n)
     os.environ["MKL_NUM_THREADS"] = str(n)
     torch.set_num_threads(max(1, int(n)))
@@ -105,8 +108,6 @@ def _reachable(address: str, timeout_s: float) -> bool:
 
 def cluster_check() -> Callable[[], bool]:
     """A check of whether the connected Ray cluster's GCS still accepts connections."""
-    import ray
-
     host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
 
     def alive() -> bool:
@@ -121,8 +122,6 @@ def cluster_check() -> Callable[[], bool]:
 
 def connect(cluster: ClusterConfig, roles: list[Role], run_env: dict) -> None:
     """Attach to ``cluster.address`` or start an embedded local Ray sized for ``roles``."""
-    import ray
-
     if ray.is_initialized():
         return
     address = cluster.address
@@ -165,9 +164,6 @@ def connect(cluster: ClusterConfig, roles: list[Role], run_env: dict) -> None:
 
 def placement(roles: list[Role], strategy: str, timeout_s: float):
     """One placement group, a bundle per actor; returns ``(pg, {role: [bundle indices]})``."""
-    import ray
-    from ray.util.placement_group import placement_group
-
     bundles, index = [], {}
     for r in roles:
         index[r.name] = list(range(len(bundles), len(bundles) + r.count))
@@ -202,9 +198,6 @@ def placement(roles: list[Role], strategy: str, timeout_s: float):
 
 def spawn(cls, pg, bundle_index: int, role: Role, *args, **kwargs):
     """Create actor ``cls`` in bundle ``bundle_index`` of ``pg``."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
     env = {
         "OMP_NUM_THREADS": str(role.env.get("threads", 1)),
         **{k: str(v) for k, v in role.env.items() if k != "threads"},

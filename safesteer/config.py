@@ -19,6 +19,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 from safesteer.cluster import ClusterConfig
 from safesteer.data import DataConfig
@@ -93,8 +94,6 @@ def _annotation(key: str):
 def type_error(e: BaseException, overrides: list[str]) -> SafeSteerError | None:
     """A composition error from OmegaConf (a value of the wrong type, an unknown key) as one line
     ``key=value: why``, with the value as given on the command line."""
-    from omegaconf.errors import ConfigKeyError, ValidationError
-
     present = re.search(r"An item is already at '([\w.]+)'", str(e))
     if present:
         key = present.group(1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class SafeSteerError(Exception):
     """A user-facing error: ``str(e)`` is one line naming the culprit and the problem."""
@@ -14,8 +16,6 @@ def one_line(msg: object) -> str:
 
 def print_or_fail(produce) -> int:
     """For small CLIs: print what ``produce()`` returns; a SafeSteerError becomes one line and exit 2."""
-    import sys
-
     try:
         print(produce(), end="")
     except SafeSteerError as e:

@@ -17,6 +17,7 @@ original model's answers are cached. The likelihood metrics run with transformer
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -24,13 +25,30 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from safesteer.core import judge
+from safesteer.core.batch import collate
 from safesteer.core.generation import chat_texts
+from safesteer.core.scoring import _head_logits, right_padded_positions
 from safesteer.data import held_out, load_prompts
+from safesteer.errors import SafeSteerError
+from safesteer.models import (
+    compute_dtype,
+    default_device,
+    fingerprint,
+    load_hf,
+    load_tokenizer,
+    resolve_model_path,
+)
+from safesteer.paths import atomic_write_json, atomic_write_text, cache_dir
+from safesteer.report import markdown, table_rows
+from safesteer.rollout import RolloutWorker
 from safesteer.schema import group, option, require, typed
 
 
@@ -75,15 +93,13 @@ class EvalConfig:
 
     @staticmethod
     def rules(cfg) -> None:
-        ev = cfg.eval
-        named = [*ev.harmful_sets, *ev.benign_sets, *ev.edgy_sets]
+        e = cfg.eval
+        named = [*e.harmful_sets, *e.benign_sets, *e.edgy_sets]
         twice = sorted({n for n in named if named.count(n) > 1})
         require(not twice, "eval.harmful_sets/benign_sets/edgy_sets", twice, "a set may be in one group only")
-        require(
-            len(ev.harmful_sets) > 0, "eval.harmful_sets", list(ev.harmful_sets), "needs at least one set"
-        )
+        require(len(e.harmful_sets) > 0, "eval.harmful_sets", list(e.harmful_sets), "needs at least one set")
         why = "must be one of the evaluation sets (eval.benign_sets)"
-        require(ev.capability_set in named, "eval.capability_set", ev.capability_set, why)
+        require(e.capability_set in named, "eval.capability_set", e.capability_set, why)
 
 
 log = logging.getLogger(__name__)
@@ -150,8 +166,6 @@ def generate_answers(
     flat = [p for n in names for p in sets[n]]
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, flat)]
     if hasattr(greedy, "greedy"):  # a Ray actor handle
-        import ray
-
         ids = ray.get(greedy.greedy.remote(prompt_ids, max_new_tokens))
     else:
         ids = greedy(prompt_ids, max_new_tokens)
@@ -166,7 +180,7 @@ def answers_cache_key(
     model_fingerprint: dict, sets: dict[str, list[str]], max_new_tokens: int, dtype: str
 ) -> str:
     """Key of the original model's greedy answers: the model, the prompts, the length and the dtype."""
-    import vllm
+    import vllm  # heavy: only the engine processes need vLLM
 
     blob = json.dumps(
         {
@@ -184,8 +198,6 @@ def answers_cache_key(
 
 def cached_answers(key: str) -> dict[str, list[list[int]]] | None:
     """The original model's answers cached under ``key`` (``$SAFESTEER_CACHE/eval``), or None."""
-    from safesteer.paths import cache_dir
-
     path = cache_dir() / "eval" / f"{key}.json"
     if not path.is_file():
         return None
@@ -197,8 +209,6 @@ def cached_answers(key: str) -> dict[str, list[list[int]]] | None:
 
 
 def cache_answers(key: str, ids: dict[str, list[list[int]]]) -> None:
-    from safesteer.paths import atomic_write_json, cache_dir
-
     (cache_dir() / "eval").mkdir(parents=True, exist_ok=True)
     atomic_write_json(cache_dir() / "eval" / f"{key}.json", ids)
 
@@ -206,8 +216,6 @@ def cache_answers(key: str, ids: dict[str, list[list[int]]]) -> None:
 def original_answers(cfg, model_path: str, sets: dict[str, list[str]], generate, dtype: str) -> dict:
     """The original model's greedy answers: from the cache when the model, prompts, length and dtype
     are the same, else ``generate()`` (answers by set, see :func:`generate_answers`), then cached."""
-    from safesteer.models import fingerprint
-
     key = answers_cache_key(fingerprint(model_path), sets, cfg.eval.max_new_tokens, dtype)
     ids = cached_answers(key)
     if ids is not None and set(ids) == set(sets):
@@ -271,8 +279,6 @@ def continuation_logprobs(
 ) -> list[float]:
     """Sum of log p(continuation tokens | context) for each (context, continuation) pair. The LM
     head runs only at the positions that predict a continuation token."""
-    from safesteer.core.batch import collate
-
     out: list[float] = []
     for s in range(0, len(contexts), batch_size):
         ctx = [tok(c, add_special_tokens=False)["input_ids"] for c in contexts[s : s + batch_size]]
@@ -290,8 +296,6 @@ def continuation_logprobs(
 def _completion_logprobs(model, b: dict) -> torch.Tensor:
     """Full-vocabulary log-probs (N, V) at the completion positions of a collated batch, in order;
     the LM head runs at those positions only."""
-    from safesteer.core.scoring import _head_logits, right_padded_positions
-
     dev = model.device
     ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -306,8 +310,6 @@ def _completion_logprobs(model, b: dict) -> torch.Tensor:
 def choice_logprobs(model, tok, context: str, choices: Sequence[str]) -> list[float]:
     """Sum of log p(choice tokens | context) for each choice: the context runs once, its KV cache is
     shared by the choices (equal to :func:`continuation_logprobs` on each pair)."""
-    from safesteer.core.scoring import _head_logits
-
     dev = model.device
     ctx = tok(context, add_special_tokens=False)["input_ids"]
     conts = [tok(c, add_special_tokens=False)["input_ids"] for c in choices]
@@ -352,9 +354,6 @@ def mmlu_cloze_accuracy(model, tok, items: Sequence) -> float:
 
 def original_mmlu(cfg, model_path: str, model, tok, items: Sequence) -> float:
     """The original model's MMLU accuracy, cached like its answers (same model, items and form)."""
-    from safesteer.models import fingerprint
-    from safesteer.paths import atomic_write_json, cache_dir
-
     blob = json.dumps(
         {
             "model": fingerprint(model_path),
@@ -387,8 +386,6 @@ def kl_and_perplexity(
 ) -> dict:
     """Per-token KL(original || trained) and perplexities on the original model's answers, batched:
     both models score the same right-padded batch, and only completion positions are kept."""
-    from safesteer.core.batch import collate
-
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, prompts)]
     keep = [i for i, a in enumerate(answers) if a]
     kl_sum, nll_b, nll_t, n = 0.0, 0.0, 0.0, 0
@@ -460,18 +457,10 @@ def bar(cfg, before: dict, after: dict, groups: dict[str, str]) -> dict:
 def classify(cfg, answers: list[dict[str, list[str]]], sets: dict[str, list[str]]) -> list[dict[str, dict]]:
     """The classifier judge (``eval.classifier.path``): one vLLM engine with the local classifier model
     labels every answer on the harmful sets as harmful or not. Returns per-set rates for each answer set."""
-    import gc
-
-    from transformers import AutoTokenizer
-
-    from safesteer.errors import SafeSteerError
-    from safesteer.models import compute_dtype, resolve_model_path
-    from safesteer.rollout import RolloutWorker
-
     c = cfg.eval.classifier
     path = resolve_model_path(c.path)
     ctok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     engine_cfg = dataclasses.replace(typed(cfg.rollout), max_model_len=c.max_model_len)
     dtype = compute_dtype(cfg.model.dtype, device)
     engine = RolloutWorker(path, engine_cfg, dtype, cfg.seed, device, cfg.model.trust_remote_code)
@@ -509,9 +498,6 @@ def evaluate(
     """Judge the answers and measure capability; returns ``{"before", "after", "examples", "held_out",
     "bar"}``. With ``answers_path``, every answer and its verdict is also written there (JSON lines,
     atomically)."""
-    from safesteer.models import load_hf
-    from safesteer.paths import atomic_write_text
-
     e = cfg.eval
     groups = set_groups(cfg)
     decode = lambda ids: {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in ids.items()}  # noqa: E731
@@ -558,10 +544,8 @@ def evaluate(
 
 def lm_eval_passthrough(model_path: str, tasks: list[str]) -> dict:
     """Run EleutherAI lm-eval tasks on ``model_path`` (for clusters that have lm-eval and its datasets)."""
-    from safesteer.errors import SafeSteerError
-
     try:
-        import lm_eval
+        import lm_eval  # optional: eval.lm_eval_tasks only
     except ImportError as e:
         raise SafeSteerError(
             "eval.lm_eval_tasks needs the lm-eval package (pip install lm-eval) and its datasets"
@@ -575,21 +559,12 @@ def lm_eval_passthrough(model_path: str, tasks: list[str]) -> dict:
 
 def command(cfg) -> None:
     """``python -m safesteer.evaluate``."""
-    import gc
-
-    from hydra.core.hydra_config import HydraConfig
-
-    from safesteer.models import compute_dtype, load_tokenizer, resolve_model_path
-    from safesteer.paths import atomic_write_json, atomic_write_text
-    from safesteer.report import markdown, table_rows
-    from safesteer.rollout import RolloutWorker
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     base_path = resolve_model_path(cfg.model.path)
     trained_path = resolve_model_path(cfg.eval.model) if cfg.eval.model else None
     tok = load_tokenizer(base_path, cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
     sets = eval_sets(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     dtype = compute_dtype(cfg.model.dtype, device)
 
     def engine_answers(path: str):

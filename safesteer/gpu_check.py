@@ -24,23 +24,42 @@ import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
+from hydra.errors import HydraException
+from safetensors.torch import load as load_safetensors
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM
 
+from safesteer.bench.common import compose as compose_run
+from safesteer.bench.common import peak_rss_mb_self
+from safesteer.cluster import free_port
+from safesteer.core.batch import collate, split, to_sequence_positions
+from safesteer.core.generation import chat_texts, generate
+from safesteer.core.loss import LocalizedStudent, micro_batch_loss
+from safesteer.core.tokens import SafetyTokens
+from safesteer.data import load_prompts
 from safesteer.errors import SafeSteerError, one_line
+from safesteer.learner import LearnerWorker
+from safesteer.models import (
+    convert_gguf,
+    default_device,
+    load_hf,
+    resolve_model_path,
+    use_bf16,
+    verify_checkpoint,
+)
+from safesteer.paths import cache_dir
 from safesteer.schema import typed
-
-if TYPE_CHECKING:
-    from safesteer.core.tokens import SafetyTokens
+from safesteer.teacher import OUTPUT_FOR_LOSS, TeacherWorker
 
 
 def _peak_gb(device: str) -> dict:
     if device == "cuda":
         return {"peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
-    from safesteer.bench.common import peak_rss_mb_self
-
     return {"peak_rss_gb": round(peak_rss_mb_self() / 1024, 3)}
 
 
@@ -63,9 +82,6 @@ def _report(stage: str, **fields) -> dict:
 
 def model_dir(model: str) -> str:
     """``--model``: a GGUF file (converted once into the cache), or what ``model.path`` accepts."""
-    from safesteer.models import convert_gguf, resolve_model_path, verify_checkpoint
-    from safesteer.paths import cache_dir
-
     if model.endswith(".gguf"):
         gguf = Path(model)
         out = cache_dir() / "models" / gguf.stem.lower()
@@ -77,8 +93,6 @@ def model_dir(model: str) -> str:
 
 def run_artifacts(run: Path) -> tuple[bytes, SafetyTokens]:
     """The steering vector (safetensors bytes) and the safety tokens of a finished run."""
-    from safesteer.core.tokens import SafetyTokens
-
     vector = run / "vector.safetensors"
     if not vector.is_file():
         raise SafeSteerError(f"--run {run}: no vector.safetensors (give the directory of a finished run)")
@@ -87,10 +101,6 @@ def run_artifacts(run: Path) -> tuple[bytes, SafetyTokens]:
 
 def compose(overrides: list[str]):
     """The run config (the benchmark's composition), a bad override as one SafeSteerError line."""
-    from hydra.errors import HydraException
-
-    from safesteer.bench.common import compose as compose_run
-
     try:
         return compose_run(overrides)
     except HydraException as e:
@@ -109,12 +119,6 @@ def plain_steps(
     """``n_steps`` optimizer steps of the learner's loss on ``batch`` in plain PyTorch: the same model
     dtype, autocast, micro-batches, AdamW, clipping and loss, without DeepSpeed. ``full_logits``: the
     plain way of writing it instead of the chunked head (the model's full logits, then the loss)."""
-    from transformers import AutoModelForCausalLM
-
-    from safesteer.core.batch import split
-    from safesteer.learner import LocalizedStudent, micro_batch_loss
-    from safesteer.models import use_bf16
-
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     model.config.use_cache = False
@@ -124,17 +128,16 @@ def plain_steps(
     )
     ids = torch.tensor(safety.ids, device=device)
     bf16 = use_bf16(lcfg.bf16, device)
-    chunk = 1 << 62 if full_logits else lcfg.logits_chunk
-    student = LocalizedStudent(model, ids, lcfg.loss, lcfg.renormalize, bf16, chunk)
-    loss_fn = (lambda mb: _full_logits_loss(model, mb, ids, lcfg, bf16, device)) if full_logits else (
-        lambda mb: micro_batch_loss(student, mb, device))  # fmt: skip
+    student = LocalizedStudent(
+        model, ids, lcfg.loss, lcfg.renormalize, bf16, None if full_logits else lcfg.logits_chunk
+    )
     n_micro = batch["input_ids"].shape[0] // lcfg.micro_batch_size
     out = []
     for _ in range(n_steps):
         t, total = time.perf_counter(), 0.0
         opt.zero_grad(set_to_none=True)
         for mb in split(batch, n_micro):
-            loss, stats = loss_fn(mb)
+            loss, stats = micro_batch_loss(student, mb, device)
             (loss / n_micro).backward()
             total += stats["loss_sum"]
         torch.nn.utils.clip_grad_norm_(model.parameters(), lcfg.grad_clip)
@@ -151,30 +154,8 @@ def plain_steps(
     return out
 
 
-def _full_logits_loss(model, mb: dict, ids, lcfg, bf16: bool, device: str) -> tuple[torch.Tensor, dict]:
-    """The loss written the plain way: the model's (B,T,V) logits, then the localized reverse KL."""
-    from safesteer.core.batch import trim
-    from safesteer.core.loss import localized_reverse_kl_terms, sequence_mean
-    from safesteer.core.scoring import right_padded_positions
-
-    mb = {k: v.to(device) for k, v in trim(mb).items()}
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(
-            input_ids=mb["input_ids"],
-            attention_mask=mb["attention_mask"],
-            position_ids=right_padded_positions(mb["attention_mask"]),
-        ).logits[:, :-1]
-    terms = localized_reverse_kl_terms(logits, mb["teacher_logprobs"], mb.get("teacher_ids", ids), lcfg.loss,
-                                       lcfg.renormalize, target_ids=mb["input_ids"][:, 1:])  # fmt: skip
-    per_seq = sequence_mean(terms, mb["completion_mask"])
-    loss = (per_seq * mb["weight"]).mean() if "weight" in mb else per_seq.mean()
-    return loss, {"loss_sum": per_seq.sum().item()}
-
-
 def write_profile(where: str, learner, path: str, lcfg, batch: dict, safety, device: str, seed: int) -> None:
     """torch.profiler tables (top operators by self time) of one learner step and one plain step."""
-    from torch.profiler import ProfilerActivity, profile
-
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     parts = []
@@ -189,18 +170,22 @@ def write_profile(where: str, learner, path: str, lcfg, batch: dict, safety, dev
     print(f"profile: {where}", file=sys.stderr)
 
 
-def check(args) -> dict:
-    from safetensors.torch import load as load_safetensors
+@dataclass
+class Workload:
+    """The check's model, prompts and run artifacts."""
 
-    from safesteer.cluster import free_port
-    from safesteer.core.batch import collate, to_sequence_positions
-    from safesteer.core.generation import chat_texts, generate
-    from safesteer.data import load_prompts
-    from safesteer.learner import LearnerWorker
-    from safesteer.models import load_hf
-    from safesteer.teacher import OUTPUT_FOR_LOSS, TeacherWorker
+    cfg: Any
+    path: str
+    device: str
+    bf16: bool
+    vector_blob: bytes
+    safety: SafetyTokens
+    instructions: list[str]
+    steer: list[bool]  # training prompts (steered) first, then anchors
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+def workload(args) -> Workload:
+    device = default_device()
     cfg = compose(args.overrides)
     path = model_dir(args.model)
     vector_blob, safety = run_artifacts(Path(args.run))
@@ -212,83 +197,93 @@ def check(args) -> dict:
             f"--prompts {args.prompts}: {cfg.data.train[0]} and {cfg.data.anchor[0]} "
             f"have {len(train)} and {len(anchors)} prompts; ask for at most twice the fewer"
         )
-    instructions, steer = train + anchors, [True] * len(train) + [False] * len(anchors)
     bf16 = device == "cuda" or args.bf16
-    rows = [_report("setup", device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                    torch=torch.__version__, model=path, safety_ids=len(safety.ids))]  # fmt: skip
+    steer = [True] * len(train) + [False] * len(anchors)
+    return Workload(cfg, path, device, bf16, vector_blob, safety, train + anchors, steer)
 
-    # 1. the student's completions
-    model, tok = load_hf(path, dtype="bfloat16" if bf16 else "float32")
-    model.to(device)
-    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, instructions)]
-    torch.manual_seed(cfg.seed)
-    _reset_peak(device)
+
+def generate_stage(w: Workload, max_new_tokens: int, rows: list) -> tuple[list, list, dict, object]:
+    """1. The student's completions (HF generate). Returns (prompt ids, completions, the initial
+    weights in bf16, the tokenizer)."""
+    model, tok = load_hf(w.path, dtype="bfloat16" if w.bf16 else "float32")
+    model.to(w.device)
+    prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, w.instructions)]
+    torch.manual_seed(w.cfg.seed)
+    _reset_peak(w.device)
     t = time.perf_counter()
-    comps = generate(model, tok, chat_texts(tok, instructions), args.max_new_tokens, do_sample=True,
-                     batch_size=len(instructions))  # fmt: skip
-    _sync(device)
+    comps = generate(model, tok, chat_texts(tok, w.instructions), max_new_tokens, do_sample=True,
+                     batch_size=len(w.instructions))  # fmt: skip
+    _sync(w.device)
     comps = [c or [tok.eos_token_id] for c in comps]
     tokens = sum(len(c) for c in comps)
     secs = time.perf_counter() - t
     rows.append(_report("generate", sequences=len(comps), tokens=tokens, seconds=round(secs, 3),
-                        tokens_per_s=round(tokens / secs, 1), **_peak_gb(device)))  # fmt: skip
+                        tokens_per_s=round(tokens / secs, 1), **_peak_gb(w.device)))  # fmt: skip
     base = {k: v.detach().to(torch.bfloat16).cpu() for k, v in model.state_dict().items()}
-    del model
+    return prompt_ids, comps, base, tok
 
-    # 2. the steered teacher, bf16 autocast
-    teacher = TeacherWorker(path, dataclasses.replace(typed(cfg.teacher), bf16=bf16), vector_blob, safety,
-                            OUTPUT_FOR_LOSS[cfg.learner.loss], typed(cfg.model))  # fmt: skip
-    teacher.score(instructions[:2], comps[:2], steer[:2])  # warm-up
-    _reset_peak(device)
-    scored = teacher.score(instructions, comps, steer)
+
+def teacher_stage(w: Workload, comps: list, rows: list) -> tuple[torch.Tensor, bool]:
+    """2. The steered teacher under bf16 autocast; returns its log-probs and whether all are finite."""
+    tcfg = dataclasses.replace(typed(w.cfg.teacher), bf16=w.bf16)
+    teacher = TeacherWorker(w.path, tcfg, w.vector_blob, w.safety, OUTPUT_FOR_LOSS[w.cfg.learner.loss],
+                            typed(w.cfg.model))  # fmt: skip
+    teacher.score(w.instructions[:2], comps[:2], w.steer[:2])  # warm-up
+    _reset_peak(w.device)
+    scored = teacher.score(w.instructions, comps, w.steer)
     lp = scored["teacher"]["logprobs"]
     finite = bool(torch.isfinite(lp).all())
+    tokens = sum(len(c) for c in comps)
     rows.append(_report("teacher", tokens=tokens, seconds=round(scored["seconds"], 3),
                         tokens_per_s=round(tokens / scored["seconds"], 1), finite=finite,
-                        **_peak_gb(device)))  # fmt: skip
-    del teacher
+                        **_peak_gb(w.device)))  # fmt: skip
+    return lp, finite
 
-    # 3. one ZeRO learner rank (stage 2 unless --zero-stage), the localized loss
-    batch = collate(prompt_ids, comps, tok.pad_token_id)
-    L = batch["input_ids"].shape[1]
-    batch["teacher_logprobs"] = to_sequence_positions(lp, batch["prompt_lens"], batch["completion_lens"], L)
-    batch["anchor"] = torch.tensor([0.0 if s else 1.0 for s in steer])
-    batch["weight"] = torch.tensor([1.0 if s else cfg.trainer.anchor_weight for s in steer])
-    lcfg = dataclasses.replace(typed(cfg.learner), world_size=1, zero_stage=args.zero_stage, bf16=bf16,
-                               micro_batch_size=args.micro_batch_size)  # fmt: skip
+
+def learner_stage(w: Workload, args, batch: dict, rows: list) -> tuple[LearnerWorker, list[dict]]:
+    """3. One ZeRO learner rank (stage 2 unless --zero-stage) takes ``--steps`` steps of the localized loss."""
+    lcfg = learner_settings(w, args)
     t = time.perf_counter()
-    learner = LearnerWorker(
-        0, path, lcfg, "127.0.0.1", free_port(), args.steps, len(comps), safety, cfg.seed, typed(cfg.model)
-    )
+    learner = LearnerWorker(0, w.path, lcfg, "127.0.0.1", free_port(), args.steps, batch["input_ids"].shape[0],
+                            w.safety, w.cfg.seed, typed(w.cfg.model))  # fmt: skip
     rows.append(_report("learner_init", seconds=round(time.perf_counter() - t, 3),
                         backend=torch.distributed.get_backend()))  # fmt: skip
-    _reset_peak(device)
+    _reset_peak(w.device)
     steps = []
     for _ in range(args.steps):
         out = learner.train_step(batch)
-        _sync(device)
+        _sync(w.device)
         steps.append(out)
         rows.append(_report("learner_step", step=out["step"], loss=float(f"{out['loss']:.4g}"),
                             grad_norm=float(f"{out['grad_norm']:.4g}"), tokens=out["tokens"],
                             seconds=round(out["seconds"], 3),
                             tokens_per_s=round(out["tokens"] / out["seconds"], 1),
-                            **_peak_gb(device)))  # fmt: skip
+                            **_peak_gb(w.device)))  # fmt: skip
+    return learner, steps
 
-    # 3b. the same steps in plain PyTorch (one process, no DeepSpeed): what the learner rank should reach
-    plain = plain_steps(path, lcfg, batch, safety, args.steps, device, cfg.seed)
+
+def learner_settings(w: Workload, args):
+    return dataclasses.replace(typed(w.cfg.learner), world_size=1, zero_stage=args.zero_stage, bf16=w.bf16,
+                               micro_batch_size=args.micro_batch_size)  # fmt: skip
+
+
+def plain_stage(w: Workload, args, batch: dict, steps: list[dict], rows: list) -> None:
+    """3b. The same steps in plain PyTorch (what the learner rank should reach), chunked head and full logits."""
+    lcfg = learner_settings(w, args)
+    plain = plain_steps(w.path, lcfg, batch, w.safety, args.steps, w.device, w.cfg.seed)
     for i, out in enumerate(plain):
         rows.append(_report("plain_step", step=i + 1, loss=float(f"{out['loss']:.4g}"), tokens=out["tokens"],
                             seconds=round(out["seconds"], 3), tokens_per_s=round(out["tokens"] / out["seconds"], 1)))  # fmt: skip
     rows.append(_report("learner_vs_plain", ratio=round(_rate(steps) / _rate(plain), 3)))
-    full = plain_steps(path, lcfg, batch, safety, args.steps, device, cfg.seed, full_logits=True)
+    full = plain_steps(w.path, lcfg, batch, w.safety, args.steps, w.device, w.cfg.seed, full_logits=True)
     for i, out in enumerate(full):
         rows.append(_report("plain_full_logits_step", step=i + 1, loss=float(f"{out['loss']:.4g}"),
                             seconds=round(out["seconds"], 3), tokens_per_s=round(out["tokens"] / out["seconds"], 1)))  # fmt: skip
     rows.append(_report("chunked_head_vs_full_logits", ratio=round(_rate(plain) / _rate(full), 3)))
-    if args.profile:
-        write_profile(args.profile, learner, path, lcfg, batch, safety, device, cfg.seed)
 
-    # 4. the weight export, read back into a state dict
+
+def export_stage(learner: LearnerWorker, base: dict, rows: list) -> tuple[dict, set, bool, int]:
+    """4. The learner's weight export, read back into a state dict and compared with the model."""
     t = time.perf_counter()
     blob = learner.export_weights("bfloat16")
     state = load_safetensors(blob)
@@ -298,7 +293,27 @@ def check(args) -> dict:
     changed = sum(not torch.equal(state[k], base[k]) for k in expected & set(state))
     rows.append(_report("export", seconds=round(secs, 3), megabytes=round(len(blob) / 2**20, 1),
                         tensors=len(state), changed=changed))  # fmt: skip
+    return state, expected, shapes, changed
 
+
+def check(args) -> dict:
+    w = workload(args)
+    rows = [_report("setup", device=torch.cuda.get_device_name() if w.device == "cuda" else "cpu",
+                    torch=torch.__version__, model=w.path, safety_ids=len(w.safety.ids))]  # fmt: skip
+    prompt_ids, comps, base, tok = generate_stage(w, args.max_new_tokens, rows)
+    lp, finite = teacher_stage(w, comps, rows)
+    batch = collate(prompt_ids, comps, tok.pad_token_id)
+    L = batch["input_ids"].shape[1]
+    batch["teacher_logprobs"] = to_sequence_positions(lp, batch["prompt_lens"], batch["completion_lens"], L)
+    batch["anchor"] = torch.tensor([0.0 if s else 1.0 for s in w.steer])
+    batch["weight"] = torch.tensor([1.0 if s else w.cfg.trainer.anchor_weight for s in w.steer])
+    learner, steps = learner_stage(w, args, batch, rows)
+    plain_stage(w, args, batch, steps, rows)
+    if args.profile:
+        write_profile(
+            args.profile, learner, w.path, learner_settings(w, args), batch, w.safety, w.device, w.cfg.seed
+        )
+    state, expected, shapes, changed = export_stage(learner, base, rows)
     failures = []
     if not finite:
         failures.append("teacher log-probs not finite")

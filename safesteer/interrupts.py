@@ -26,6 +26,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from safesteer.checkpoint import latest
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 LAST_RESORT_S = 10.0  # after the cluster went down: the driver exits by itself within this
@@ -173,10 +176,6 @@ def resume_command(run_dir: str, argv: list[str] | None = None) -> str:
 
 def message(e: Interrupted, run_dir: str) -> str:
     """The one line a stopped run prints: what was saved, and the command that resumes it."""
-    from pathlib import Path
-
-    from safesteer.checkpoint import latest
-
     name = signal.Signals(e.signum).name
     if e.saved:
         what = f"saved checkpoint {e.saved}"

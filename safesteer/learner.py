@@ -10,32 +10,28 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
+from transformers import AutoModelForCausalLM
 
 from safesteer import learner_state
 from safesteer.cluster import Placement, configure_threads, release_freed_memory
-from safesteer.core.batch import split, trim
+from safesteer.core.batch import split
 from safesteer.core.lora import factor_blob
-from safesteer.core.loss import (
-    MODES,
-    gathered_terms,
-    head_logprobs,
-    localized_reverse_kl_terms,
-    per_sequence_mean,
-    safety_mass,
-    sequence_mean,
-)
-from safesteer.core.scoring import right_padded_positions
+from safesteer.core.loss import MODES, LocalizedStudent, micro_batch_loss
 from safesteer.core.steering import decoder_layers
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
 from safesteer.models import ModelConfig, load_tokenizer, use_bf16
 from safesteer.schema import group, option, require
 from safesteer.teacher import LearnerTeacher
+from safesteer.weight_sync import RolloutClient, trainer_engine, zero_source
 
 
 @dataclass
@@ -126,7 +122,7 @@ def add_lora(model, lora: LoraSettings):
     """Inject LoRA adapters (peft) into ``model``'s ``lora.target_modules`` in place and freeze every
     other weight; returns the peft wrapper (for the adapter's export). ``model`` keeps working as the
     HF module it was, with the adapters in its forward."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # optional: LoRA only
 
     config = LoraConfig(
         r=lora.r,
@@ -157,90 +153,6 @@ def deepspeed_config(cfg: LearnerConfig, sequences_per_step: int) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-
-
-def output_head(lm):
-    """The student's head as a function of the final hidden states (with the logit soft-capping of
-    the models that have one, e.g. Gemma 2)."""
-    head = lm.get_output_embeddings()
-    cap = getattr(lm.config, "final_logit_softcapping", None)
-    if not cap:
-        return head
-    return lambda h: torch.tanh(head(h) / cap) * cap
-
-
-class LocalizedStudent(torch.nn.Module):
-    """The student whose forward is the localized loss of one micro-batch, per sequence; this is the
-    module DeepSpeed wraps, so the backward starts at the loss and ZeRO's hooks see every parameter.
-
-    The head runs only on completion positions and ``chunk`` of them at a time
-    (:func:`safesteer.core.loss.head_logprobs`): the float32 full-vocabulary logits of a micro-batch
-    are never materialised. ``loss=full`` needs the whole distribution and computes full logits.
-    """
-
-    def __init__(self, lm, ids: torch.Tensor | None, mode: str, renormalize: bool, bf16: bool, chunk: int):
-        super().__init__()
-        self.lm = lm
-        self.ids, self.mode, self.renormalize, self.bf16, self.chunk = ids, mode, renormalize, bf16, chunk
-
-    def forward(self, input_ids, attention_mask, completion_mask, teacher_logprobs, teacher_ids=None):
-        """Returns (per-sequence loss (B,), the student's mean safety-token mass (scalar, no grad))."""
-        device, head = input_ids.device.type, output_head(self.lm)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
-            hidden = self.lm.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=right_padded_positions(attention_mask),
-                use_cache=False,
-            ).last_hidden_state[:, :-1]
-            if self.mode == "full":
-                logits = head(hidden)
-        if self.mode == "full":
-            terms = localized_reverse_kl_terms(logits, teacher_logprobs, None, "full")
-            mass = safety_mass(logits, self.ids, completion_mask) if self.ids is not None else None
-            return sequence_mean(terms, completion_mask), mass
-        sel = completion_mask.bool()
-        rows = sel.nonzero()[:, 0]
-        h = hidden[sel]
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
-            if self.mode in ("k1", "k3"):
-                ids = input_ids[:, 1:][sel].unsqueeze(-1)
-            else:
-                ids = teacher_ids[sel] if self.mode == "topk" else self.ids
-            s_lp = head_logprobs(h, head, ids, self.chunk)
-            mass = None
-            if self.ids is not None:
-                with torch.no_grad():
-                    own = self.mode in ("partial", "bucket")
-                    set_lp = s_lp if own else head_logprobs(h.detach(), head, self.ids, self.chunk)
-                    mass = set_lp.exp().sum(-1).mean() if set_lp.numel() else set_lp.new_zeros(())
-        if self.mode in ("k1", "k3"):
-            s_lp = s_lp.squeeze(-1)
-        terms = gathered_terms(s_lp, teacher_logprobs[sel], self.mode, self.renormalize)
-        return per_sequence_mean(terms, rows, input_ids.shape[0]), mass
-
-
-def micro_batch_loss(student, mb: dict, device: str) -> tuple[torch.Tensor, dict]:
-    """The localized reverse KL of one micro-batch (``student`` is the DeepSpeed engine around a
-    :class:`LocalizedStudent`, or the module itself) and its statistics: the loss sums, the anchors'
-    part, the student's safety-token mass."""
-    mb = {k: v.to(device) for k, v in trim(mb).items()}
-    per_seq, mass = student(
-        input_ids=mb["input_ids"],
-        attention_mask=mb["attention_mask"],
-        completion_mask=mb["completion_mask"],
-        teacher_logprobs=mb["teacher_logprobs"],
-        teacher_ids=mb.get("teacher_ids"),
-    )
-    stats = {"loss_sum": per_seq.sum().item(), "sequences": per_seq.numel()}
-    if "anchor" in mb:
-        stats["anchor_loss_sum"] = (per_seq.detach() * mb["anchor"]).sum().item()
-        stats["anchor_sequences"] = int(mb["anchor"].sum().item())
-    if mass is not None:
-        stats["mass_sum"] = mass.item() * per_seq.numel()
-    # Anchor sequences weigh trainer.anchor_weight in the loss (training sequences 1).
-    loss = (per_seq * mb["weight"]).mean() if "weight" in mb else per_seq.mean()
-    return loss, stats
 
 
 class LearnerWorker:
@@ -274,13 +186,12 @@ class LearnerWorker:
         )
         if not cuda:
             os.environ["DS_ACCELERATOR"] = "cpu"
-        import deepspeed
-        import deepspeed.ops
+        import deepspeed  # heavy: only the learner ranks need it
+        import deepspeed.ops  # heavy: only the learner ranks need it
 
         # avoid a ~2 min JIT build of the shared-memory allreduce op on CPU
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
-        from transformers import AutoModelForCausalLM
 
         torch.manual_seed(seed)
         self.rank, self.device = rank, "cuda" if cuda else "cpu"
@@ -395,8 +306,6 @@ class LearnerWorker:
         With LoRA, the adapter's factors instead (:func:`safesteer.core.lora.factor_blob`, float32):
         the receivers merge them into the base weights they read from disk, so no model-sized copy
         is made here or crosses the object store."""
-        from safetensors.torch import save
-
         if self.adapters is not None:
             lora = self.cfg.lora
             return factor_blob(self.model.state_dict(), lora.alpha / lora.r) if self.rank == 0 else None
@@ -404,7 +313,7 @@ class LearnerWorker:
         module = self.model
         state = {}
         if self.cfg.zero_stage == 3:
-            import deepspeed
+            import deepspeed  # heavy: only the learner ranks need it
 
             for name, p in module.named_parameters():
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
@@ -427,8 +336,6 @@ class LearnerWorker:
         from its factor blob (:func:`safesteer.core.lora.peft_adapter`)."""
         if self.adapters is None or self.rank != 0:
             return None
-        import tempfile
-        from pathlib import Path
 
         with tempfile.TemporaryDirectory() as tmp:
             self.adapters.save_pretrained(tmp, safe_serialization=True)
@@ -437,8 +344,6 @@ class LearnerWorker:
 
     def init_weight_transfer(self, rollout_handles, master_addr: str, master_port: int, tp: int) -> None:
         """Join the NCCL weight-transfer group with the rollout engines (``rollout.weight_sync=nccl``)."""
-        from safesteer.weight_sync import RolloutClient, trainer_engine, zero_source
-
         skip = ("lm_head.weight",) if self.tied else ()
         source = zero_source(self.model, self.cfg.zero_stage, torch.bfloat16, skip)
         client = RolloutClient(rollout_handles, tp)

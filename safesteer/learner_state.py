@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from safesteer.errors import SafeSteerError
 
@@ -29,8 +31,6 @@ def partitions(engine, zero_stage: int) -> list[torch.Tensor]:
 
 def save(engine, scheduler, rank: int, cfg, steps: int, directory: str) -> str:
     """Write rank ``rank``'s share of a checkpoint into ``directory`` (a temp name, then renamed)."""
-    from safetensors.torch import save_file
-
     base = engine.optimizer.optimizer
     parts = partitions(engine, cfg.zero_stage)
     tensors = {"rng.torch": torch.get_rng_state()}
@@ -63,8 +63,6 @@ def save(engine, scheduler, rank: int, cfg, steps: int, directory: str) -> str:
 
 def load(engine, scheduler, rank: int, cfg, directory: str) -> int:
     """Restore what :func:`save` wrote for rank ``rank``; returns the optimizer step it continues from."""
-    from safetensors import safe_open
-
     path = Path(directory) / f"learner-rank{rank}.safetensors"
     if not path.is_file():
         raise SafeSteerError(

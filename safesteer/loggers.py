@@ -47,7 +47,7 @@ def scalars(row: dict) -> dict[str, int | float]:
 
 class TensorBoard:
     def __init__(self, run_dir: Path, run_name: str, config: dict):
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional logger backend
 
         self._writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         self._writer.add_text("config", f"```\n{json.dumps(config, indent=2, default=str)}\n```")
@@ -64,7 +64,7 @@ class Wandb:
     def __init__(self, run_dir: Path, run_name: str, config: dict):
         # Offline whatever the environment says: no login prompt, no upload, no sentry error reports.
         os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_ERROR_REPORTING="false")
-        import wandb
+        import wandb  # optional logger backend
 
         settings = wandb.Settings(
             mode="offline",
@@ -91,7 +91,7 @@ class Wandb:
         self._run.log(scalars(row), step=step)
 
     def close(self) -> None:
-        import wandb
+        import wandb  # optional logger backend
 
         self._run.finish()
         # finish() only tells wandb's service process that the run is over; the service closes the
@@ -105,7 +105,7 @@ class MLflow:
         # No usage telemetry (read when mlflow is imported); allow the file store, which MLflow 3.x keeps
         # in maintenance mode and refuses without this opt-in.
         os.environ.update(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_ALLOW_FILE_STORE="true")
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # optional logger backend
 
         self.tracking_uri = (run_dir / "mlruns").resolve().as_uri()
         self._client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -116,7 +116,7 @@ class MLflow:
         self._client.log_text(self.run_id, json.dumps(config, indent=2, default=str), "config.json")
 
     def log(self, row: dict, step: int) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # optional logger backend
 
         now_ms = int(time.time() * 1000)
         metrics = [Metric(key, float(value), now_ms, step) for key, value in scalars(row).items()]

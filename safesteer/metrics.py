@@ -11,9 +11,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from omegaconf import OmegaConf
+
+from safesteer.loggers import BACKENDS, open_backends
 from safesteer.paths import atomic_write_text
 from safesteer.schema import option, require
+
+if TYPE_CHECKING:  # annotations only
+    from safesteer.workers import Rollout, StepResult, Sync, TeacherScores
 
 
 @dataclass
@@ -25,8 +32,6 @@ class LoggerConfig:
 
     @staticmethod
     def rules(cfg) -> None:
-        from safesteer.loggers import BACKENDS
-
         for name in cfg.logger.backends:
             require(
                 name in BACKENDS,
@@ -60,54 +65,44 @@ def gate_rates(gate: list[bool] | None, steered: list[bool]) -> dict:
 
 
 def step_row(
-    step: int,
-    ro: dict,
-    sc: dict,
-    stats: dict,
-    sync: dict,
-    waits: Stopwatch,
-    *,
-    steered: list[bool],
-    sequences: int,
-    recovered: int,
-    restarts: int,
-    overlapped: bool,
-) -> dict:
+    step: int, rollout: Rollout, scores: TeacherScores, result: StepResult, sync: Sync, waits: Stopwatch, *,
+    steered: list[bool], recovered: int, restarts: int, overlapped: bool,
+) -> dict:  # fmt: skip
     """One step's metrics from the stages' results and the driver's waits.
 
     ``idle_s`` is the step's wall time not spent in any stage; with ``overlapped`` rollout (the next
     batch generated while this one trains) the rollout does not count as busy time of this step.
     """
     wall = waits["step"]
-    busy = sc["seconds"] + stats["seconds"] + sync["seconds"] + (0.0 if overlapped else ro["seconds"])
+    busy = scores.seconds + result.seconds + sync.seconds + (0.0 if overlapped else rollout.seconds)
     return {
         "step": step,
-        "loss": stats["loss"],
-        "anchor_loss": stats["anchor_loss"],
-        "safety_mass": stats["safety_mass"],
-        "grad_norm": stats["grad_norm"],
-        "lr": stats["lr"],
-        "skipped": stats["skipped"],
+        "loss": result.loss,
+        "anchor_loss": result.anchor_loss,
+        "safety_mass": result.safety_mass,
+        "grad_norm": result.grad_norm,
+        "lr": result.lr,
+        "skipped": result.skipped,
         "recovered": recovered,
         "restarts": restarts,
-        "policy_lag": step - 1 - ro["version"],
-        **gate_rates(sc["gate"], steered),
-        "completion_tokens": ro["tokens"],
-        "mean_completion_len": ro["tokens"] / max(sequences, 1),
-        "rollout_s": ro["seconds"],
-        "teacher_s": sc["seconds"],
-        "learner_s": stats["seconds"],
-        "sync_s": sync["seconds"],
-        "sync_bytes": sync["bytes"],
+        "policy_lag": step - 1 - rollout.version,
+        **gate_rates(scores.gate, steered),
+        "completion_tokens": rollout.tokens,
+        "mean_completion_len": rollout.tokens / max(len(steered), 1),
+        "rollout_s": rollout.seconds,
+        "teacher_s": scores.seconds,
+        "learner_s": result.seconds,
+        "sync_s": sync.seconds,
+        "sync_bytes": sync.bytes,
         "rollout_wait_s": waits["rollout"],
         "teacher_wait_s": waits["teacher"],
         "learner_wait_s": waits["learner"],
         "step_s": wall,
         "idle_s": max(0.0, wall - busy),
-        "rollout_tokens_per_s": ro["tokens"] / max(ro["seconds"], 1e-9),
-        "teacher_tokens_per_s": sc["tokens"] / max(sc["seconds"], 1e-9),
-        "learner_tokens_per_s": stats["tokens"] / max(stats["seconds"], 1e-9),
-        "weights_sha256": sync["sha256"][0],
+        "rollout_tokens_per_s": rollout.tokens / max(rollout.seconds, 1e-9),
+        "teacher_tokens_per_s": scores.tokens / max(scores.seconds, 1e-9),
+        "learner_tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        "weights_sha256": sync.sha256[0],
     }
 
 
@@ -115,10 +110,6 @@ class MetricsLog:
     """metrics.jsonl (always) and the ``logger.backends``."""
 
     def __init__(self, run_dir: Path, cfg):
-        from omegaconf import OmegaConf
-
-        from safesteer.loggers import open_backends
-
         self.path = run_dir / "metrics.jsonl"
         config = OmegaConf.to_container(cfg, resolve=True)
         name = cfg.tag or run_dir.name

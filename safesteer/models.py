@@ -12,6 +12,7 @@ hub id.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -22,9 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
 from safesteer.core.blobs import header
+from safesteer.core.generation import TEMPLATE_KWARGS
+from safesteer.core.lora import merged_weights
 from safesteer.core.steering import decoder_layers
-from safesteer.errors import SafeSteerError
+from safesteer.errors import SafeSteerError, print_or_fail
 from safesteer.paths import atomic_dir, cache_dir
 from safesteer.schema import option
 
@@ -104,9 +118,6 @@ def convert_gguf(gguf_file: Path, out_dir: Path, replace: bool = False) -> Path:
     The weights are dequantised by transformers' GGUF loader and saved as float32 safetensors,
     together with the tokenizer and its chat template. The result loads in transformers and vLLM.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise SafeSteerError(f"{gguf_file}: GGUF file not found")
@@ -162,8 +173,6 @@ def tiny_config_kwargs(tok, num_hidden_layers: int = 4, tied: bool = True) -> di
 
 def tiny_llama_config(tok, num_hidden_layers: int = 4):
     """A tiny Llama config with a tied head (:func:`tiny_config_kwargs`) for ``tok``'s vocabulary."""
-    from transformers import LlamaConfig
-
     return LlamaConfig(**tiny_config_kwargs(tok, num_hidden_layers))
 
 
@@ -175,8 +184,6 @@ def prepare_tiny_model() -> Path:
     out = cache_dir() / "models" / TINY_MODEL
     if out.is_dir() and verify_checkpoint(out) is None:
         return out
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(str(prepare_default_model()))
     cfg = tiny_llama_config(tok)
@@ -193,12 +200,12 @@ def resolve_model_path(path: str | None) -> str:
     """``default`` (or empty) -> the prepared default model; ``tiny`` -> a tiny random model; a name of
     :data:`safesteer.split_models.SPLIT_MODELS` -> that model, joined from its part wheels and
     converted on first use; a directory -> itself; else a hub id."""
-    from safesteer.split_models import SPLIT_MODELS, prepare_split_model
-
     if not path or path == "default" or path == DEFAULT_MODEL:
         return str(prepare_default_model())
     if path in ("tiny", TINY_MODEL):
         return str(prepare_tiny_model())
+    from safesteer.split_models import SPLIT_MODELS, prepare_split_model  # it imports this module
+
     if path in SPLIT_MODELS:
         return str(prepare_split_model(path))
     p = Path(os.path.expanduser(path))
@@ -224,9 +231,6 @@ def fingerprint(path: str) -> dict:
 def check_architecture(path: str, trust_remote_code: bool = False):
     """Fail early (no weights loaded) when the model's blocks are not where the steering hook goes.
     Returns the model's text config."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
@@ -254,8 +258,6 @@ class CheckpointReader:
     time by name: what a LoRA merge needs from the base weights without loading the model."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
-
         root = Path(path)
         index = root / "model.safetensors.index.json"
         if index.is_file():
@@ -275,8 +277,6 @@ class CheckpointReader:
 
 def merged_checkpoint(path: str, blob: bytes) -> dict:
     """The full state dict of the checkpoint at ``path`` with a LoRA factor blob merged in."""
-    from safesteer.core.lora import merged_weights
-
     read = CheckpointReader(path)
     state = {name: read(name) for name in read.where}
     state.update(merged_weights(blob, read))
@@ -287,9 +287,6 @@ def check_export(path: str, names: set[str], trust_remote_code: bool = False) ->
     """Refuse weights (their ``names``) that would not rebuild the model at ``path``: every parameter
     of its architecture must be there, except a head tied to the embeddings (saved once, as the
     embeddings)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -302,6 +299,11 @@ def check_export(path: str, names: set[str], trust_remote_code: bool = False) ->
             + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
             + f"; the export would drop them (tie_word_embeddings={tied})"
         )
+
+
+def default_device() -> str:
+    """cuda when a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def compute_dtype(name: str, device: str) -> str:
@@ -327,10 +329,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_kwa
     (every prompt is formatted with it) whose assistant turn ends with a token generation stops at.
     ``chat_template_kwargs`` (``model.chat_template_kwargs``, e.g. ``enable_thinking``) go to every
     :func:`safesteer.core.generation.chat_texts` call on it."""
-    from transformers import AutoTokenizer
-
-    from safesteer.core.generation import TEMPLATE_KWARGS
-
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -353,8 +351,6 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, chat_template_kwa
 
 def end_of_turn_ids(tok, path: str) -> set[int]:
     """The ids an answer ends at: the tokenizer's eos and the eos ids of ``generation_config.json``."""
-    from transformers import GenerationConfig
-
     ids = {tok.eos_token_id}
     try:
         eos = GenerationConfig.from_pretrained(path).eos_token_id
@@ -368,8 +364,6 @@ def check_turn_end(tok, path: str) -> None:
     """Refuse a template whose assistant turn does not end with an end-of-turn token (a tokenizer
     missing the special tokens its template writes splits them into pieces, and generation,
     safety-token selection and the judge would all run past the end of every answer)."""
-    from safesteer.core.generation import TEMPLATE_KWARGS
-
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     try:
         text = tok.apply_chat_template(conv, tokenize=False, **getattr(tok, TEMPLATE_KWARGS, {}))
@@ -387,9 +381,6 @@ def check_turn_end(tok, path: str) -> None:
 def load_hf(path: str, dtype: str = "float32", trust_remote_code: bool = False, chat_template_kwargs=None):
     """Load (model, tokenizer) with transformers, in eval mode, with a left-padding tokenizer
     (:func:`load_tokenizer`)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     tok = load_tokenizer(path, trust_remote_code, chat_template_kwargs)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -403,10 +394,6 @@ def load_hf(path: str, dtype: str = "float32", trust_remote_code: bool = False, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from safesteer.errors import print_or_fail
-
     ap = argparse.ArgumentParser(prog="python -m safesteer.models", description=__doc__.split("\n")[0])
     ap.add_argument("--force", action="store_true", help="re-convert even if a verified copy exists")
     args = ap.parse_args(argv)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import errno
 import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from safesteer.errors import SafeSteerError
 
 
 def cache_dir() -> Path:
@@ -141,11 +145,6 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise a one-line error naming its holder. A stale lock file is reused."""
-        import datetime
-        import socket
-
-        from safesteer.errors import SafeSteerError
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -13,11 +13,14 @@ import json
 import logging
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from safesteer.core import judge, search
@@ -25,11 +28,12 @@ from safesteer.core import steering as S
 from safesteer.core.generation import chat_texts, generate
 from safesteer.core.probe import HarmProbe, last_token_states
 from safesteer.core.probe import fit as fit_probe
-from safesteer.core.tokens import TOKEN_METHODS, SafetyTokens, select_safety_tokens
+from safesteer.core.tokens import TOKEN_METHODS, SafetyTokens, TokenSelection, select_safety_tokens
 from safesteer.data import load_prompts, load_sets
 from safesteer.errors import SafeSteerError
 from safesteer.models import fingerprint, load_hf, resolve_model_path
 from safesteer.paths import atomic_dir, atomic_write_bytes, atomic_write_json, cache_dir
+from safesteer.report import percent
 from safesteer.schema import option, require
 
 
@@ -93,18 +97,20 @@ class ProbeConfig:
     harmless: Any = option()
     val_harmful: Any = option()
     val_harmless: Any = option()
-    layers: list[int] = option(default=[])
+    depth: list[float] = option(default=[])
     batch_size: int = option(ge=1)
 
     @staticmethod
     def rules(cfg) -> None:
-        layers = list(cfg.probe.layers)
-        require(len(layers) > 0, "probe.layers", layers, "needs at least one layer")
+        d = list(cfg.probe.depth)
+        ok = len(d) > 0 and all(0 <= f < 1 for f in d)
+        require(ok, "probe.depth", d, "needs fractions of depth in [0, 1), one per candidate layer")
 
 
 log = logging.getLogger(__name__)
 
 VECTOR_FILE, TOKENS_FILE, REPORT_FILE = "vector.safetensors", "safety_tokens.json", "prepare.json"
+ARTIFACTS = (VECTOR_FILE, TOKENS_FILE, REPORT_FILE)
 
 
 @dataclass
@@ -114,10 +120,27 @@ class Prepared:
     report: dict
 
 
+@dataclass
+class DirectionPrompts:
+    """The steering search's prompts: the direction's harmful and harmless ones, and the validation ones."""
+
+    harmful: list[str]
+    harmless: list[str]
+    val_harmful: list[str]
+    val_harmless: list[str]
+
+
+@dataclass
+class Candidate:
+    """A candidate steering vector that passed the reference filters."""
+
+    method: str
+    score: search.CandidateScore
+    vector: torch.Tensor
+
+
 def _plain(x):
     """A config value as plain Python (a ListConfig of set names as a list)."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(x) if OmegaConf.is_config(x) else x
 
 
@@ -137,8 +160,6 @@ def _data_fingerprint(cfg) -> dict:
 
 
 def cache_key(cfg, model_path: str) -> str:
-    from omegaconf import OmegaConf
-
     blob = json.dumps(
         {
             "model": fingerprint(model_path),
@@ -165,26 +186,35 @@ def cache_key(cfg, model_path: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# -------------------------------------------------------------------------------------- harm probe
+def probe_layers(depth: Sequence[float], n_layers: int) -> list[int]:
+    """The probe's candidate layers, sorted, for fractions of depth (``probe.depth``): for each
+    fraction ``f``, the first layer whose slice ``[l / L, (l + 1) / L]`` of depth starts at or after
+    ``f`` (``l = ceil(f * L)``), the rule ``steering.depth`` applies to its lower bound
+    (:func:`safesteer.core.search.depth_layers`). [0.46, 0.6, 0.73] of 30 layers: [14, 18, 22]."""
+    layers = set()
+    for f in depth:
+        at = search.depth_layers(n_layers, (f, 1.0)) if 0 <= f < 1 else []
+        if not at:
+            raise SafeSteerError(
+                f"probe.depth={f:g}: no layer of a {n_layers}-layer model at that depth (layer l sits at "
+                f"l/{n_layers}, the deepest at {(n_layers - 1) / n_layers:.3g})"
+            )
+        layers.add(at[0])
+    return sorted(layers)
+
+
 def build_probe(cfg, model, tok) -> tuple[HarmProbe, dict]:
     """The harm probe (:mod:`safesteer.core.probe`) from ``cfg.probe``'s prompt sets, at its best layer."""
     pc = cfg.probe
-    n_layers = len(model.model.layers)
-    bad = [layer for layer in pc.layers if not 0 <= layer < n_layers]
-    if bad:
-        raise SafeSteerError(f"probe.layers={bad}: out of range for a {n_layers}-layer model")
-
-    def states(key: str) -> dict:
+    layers = probe_layers(pc.depth, len(model.model.layers))
+    got = {}
+    for key in tqdm(("harmful", "harmless", "val_harmful", "val_harmless"), desc="harm probe"):
         texts = chat_texts(tok, _instructions(pc[key], None, cfg.seed))
         ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return last_token_states(model, ids, list(pc.layers), pc.batch_size)
-
-    with tqdm(total=4, desc="harm probe") as bar:
-        got = {}
-        for key in ("harmful", "harmless", "val_harmful", "val_harmless"):
-            got[key] = states(key)
-            bar.update(1)
-    train = {layer: (got["harmful"][layer], got["harmless"][layer]) for layer in pc.layers}
-    val = {layer: (got["val_harmful"][layer], got["val_harmless"][layer]) for layer in pc.layers}
+        got[key] = last_token_states(model, ids, layers, pc.batch_size)
+    train = {layer: (got["harmful"][layer], got["harmless"][layer]) for layer in layers}
+    val = {layer: (got["val_harmful"][layer], got["val_harmless"][layer]) for layer in layers}
     probe, by_layer = fit_probe(train, val)
     log.info(
         "harm probe: layer %d, validation AUROC %.3f, flags %.0f%% of harmful and %.0f%% of harmless prompts",
@@ -193,99 +223,218 @@ def build_probe(cfg, model, tok) -> tuple[HarmProbe, dict]:
     return probe, {"layer": probe.layer, "threshold": probe.threshold, "by_layer": by_layer}
 
 
-def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, dict]:
-    """Candidates -> reference filters -> generation-judged coefficient search."""
-    sc, seed = cfg.steering, cfg.seed
-    harmful = _instructions(cfg.data.direction_harmful, sc.n_train, seed)
-    harmless = _instructions(cfg.data.direction_harmless, sc.n_train, seed)
-    val_h = _instructions(cfg.data.val_harmful, sc.n_val, seed)
-    val_b = _instructions(cfg.data.val_harmless, sc.n_val, seed)
-    n_layers = len(model.model.layers)
-    layers = list(sc.layers) if sc.layers is not None else search.depth_layers(n_layers, sc.depth)
+# ---------------------------------------------------------------------------------- steering search
+def _direction_prompts(cfg) -> DirectionPrompts:
+    steer_cfg, d, seed = cfg.steering, cfg.data, cfg.seed
+    return DirectionPrompts(
+        harmful=_instructions(d.direction_harmful, steer_cfg.n_train, seed),
+        harmless=_instructions(d.direction_harmless, steer_cfg.n_train, seed),
+        val_harmful=_instructions(d.val_harmful, steer_cfg.n_val, seed),
+        val_harmless=_instructions(d.val_harmless, steer_cfg.n_val, seed),
+    )
+
+
+def steering_layers(steer_cfg, n_layers: int) -> list[int]:
+    """The layers the search considers: ``steering.layers``, else those of ``steering.depth``."""
+    layers = (
+        list(steer_cfg.layers)
+        if steer_cfg.layers is not None
+        else search.depth_layers(n_layers, steer_cfg.depth)
+    )
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad:
         raise SafeSteerError(f"steering.layers={bad}: out of range for a {n_layers}-layer model")
     if not layers:
         raise SafeSteerError(
-            f"steering.depth={list(sc.depth)}: no layer of a {n_layers}-layer model in that range"
+            f"steering.depth={list(steer_cfg.depth)}: no layer of a {n_layers}-layer model in that range"
         )
-    norms = None
-    if sc.coeff_unit == "residual":  # coefficients as fractions of the residual stream's norm
-        norms = search.residual_norms(model, tok, chat_texts(tok, harmful + harmless), sc.batch_size)
-    candidates: list[tuple[str, search.CandidateScore, torch.Tensor]] = []
-    all_scores: dict[str, list[dict]] = {}
-    for method in sc.methods:
-        if method not in ("diff_in_means", "contrastive"):
-            raise SafeSteerError(
-                f"steering.methods: unknown method {method!r}; choose from {', '.join(search.METHODS)}"
-            )
-        n = len(harmful) + (len(harmless) if method == "diff_in_means" else len(harmful))
-        with tqdm(
-            total=n, desc=f"activations ({method}, {len(harmful)} harmful prompts)", leave=False
-        ) as bar:
-            if method == "diff_in_means":
-                cands = search.diff_in_means_candidates(model, tok, harmful, harmless, sc.batch_size, bar)
-            else:
-                cands = search.contrastive_candidates(model, tok, harmful, sc.batch_size, bar)
-        with tqdm(
-            total=len(layers) * cands.shape[1], desc=f"reference filters ({method})", leave=False
-        ) as bar:
-            scores = search.reference_scores(model, tok, cands, val_h, val_b, layers, sc.batch_size, bar)
-        all_scores[method] = [asdict(s) for s in scores]
-        for s in search.reference_filter(scores, sc.max_kl, sc.min_steering_score)[: sc.top_candidates]:
-            candidates.append((method, s, cands[s.layer, s.position]))
-    if not candidates:
+    return layers
+
+
+def _method_candidates(
+    model, tok, method: str, p: DirectionPrompts, layers: list[int], steer_cfg
+) -> tuple[list[Candidate], list[dict]]:
+    """One ``steering.methods`` entry's candidates at ``layers``: the best ``steering.top_candidates``
+    that pass the reference filters, and every candidate's reference scores."""
+    if method not in search.METHODS:
         raise SafeSteerError(
-            f"no steering candidate passed the reference filters (ablation KL <= steering.max_kl={sc.max_kl}, "
-            f"steering score >= steering.min_steering_score={sc.min_steering_score}); set them to null, or try "
-            f"other steering.layers or steering.methods"
+            f"steering.methods: unknown method {method!r}; choose from {', '.join(search.METHODS)}"
         )
-    by_key = {(m, s.layer, s.position): (m, s, v) for m, s, v in candidates}
-    with tqdm(total=len(candidates) * len(sc.coeffs), desc="steering search (generate + judge)") as bar:
-        trials = []
-        for m, s, v in candidates:
+    n = len(p.harmful) + (len(p.harmless) if method == "diff_in_means" else len(p.harmful))
+    with tqdm(total=n, desc=f"activations ({method}, {len(p.harmful)} harmful prompts)", leave=False) as bar:
+        if method == "diff_in_means":
+            cands = search.diff_in_means_candidates(
+                model, tok, p.harmful, p.harmless, steer_cfg.batch_size, bar
+            )
+        else:
+            cands = search.contrastive_candidates(model, tok, p.harmful, steer_cfg.batch_size, bar)
+    with tqdm(total=len(layers) * cands.shape[1], desc=f"reference filters ({method})", leave=False) as bar:
+        val_h, val_b = p.val_harmful, p.val_harmless
+        scores = search.reference_scores(model, tok, cands, val_h, val_b, layers, steer_cfg.batch_size, bar)
+    kept = search.reference_filter(scores, steer_cfg.max_kl, steer_cfg.min_steering_score)[
+        : steer_cfg.top_candidates
+    ]
+    return [Candidate(method, s, cands[s.layer, s.position]) for s in kept], [asdict(s) for s in scores]
+
+
+def _coeff_trials(
+    model, tok, candidates: list[Candidate], norms: torch.Tensor | None, p: DirectionPrompts, steer_cfg
+) -> list[tuple[Candidate, search.SteeringTrial]]:
+    """Every candidate at every ``steering.coeffs`` (in ``steering.coeff_unit``), generated and judged."""
+    trials = []
+    with tqdm(
+        total=len(candidates) * len(steer_cfg.coeffs), desc="steering search (generate + judge)"
+    ) as bar:
+        for c in candidates:
+            norm = None if norms is None else norms[c.score.layer]
+            coeffs = search.absolute_coeffs(steer_cfg.coeffs, steer_cfg.coeff_unit, c.vector, norm)
+            at = [(c.score.layer, c.score.position, c.vector)]
             for t in search.coeff_search(
                 model,
                 tok,
-                [(s.layer, s.position, v)],
-                search.absolute_coeffs(
-                    sc.coeffs, sc.coeff_unit, v, None if norms is None else norms[s.layer]
-                ),
-                val_h,
-                val_b,
-                sc.max_new_tokens,
-                sc.batch_size,
+                at,
+                coeffs,
+                p.val_harmful,
+                p.val_harmless,
+                steer_cfg.max_new_tokens,
+                steer_cfg.batch_size,
                 bar,
             ):
-                trials.append((m, t))
-    best = search.best_trial([t for _, t in trials], sc.max_degenerate, sc.max_benign_refusal)
-    method = next(m for m, t in trials if t is best)
-    _, score, vec = by_key[(method, best.layer, best.position)]
-    sv = S.SteeringVector(
-        vector=vec.float().cpu(),
+                trials.append((c, t))
+    return trials
+
+
+def _vector(
+    cfg, chosen: Candidate, best: search.SteeringTrial, p: DirectionPrompts, model_path: str
+) -> S.SteeringVector:
+    """The chosen candidate at the best trial's coefficient, with where it came from."""
+    d = cfg.data
+    return S.SteeringVector(
+        vector=chosen.vector.float().cpu(),
         layer=best.layer,
         coeff=best.coeff,
-        method=method,
+        method=chosen.method,
         position=best.position,
         model=model_path,
         provenance={
-            "harmful": _plain(cfg.data.direction_harmful),
-            "harmless": _plain(cfg.data.direction_harmless),
-            "val_harmful": _plain(cfg.data.val_harmful),
-            "val_harmless": _plain(cfg.data.val_harmless),
-            "n_train": len(harmful),
-            "n_val": len(val_h),
-            "seed": seed,
+            "harmful": _plain(d.direction_harmful),
+            "harmless": _plain(d.direction_harmless),
+            "val_harmful": _plain(d.val_harmful),
+            "val_harmless": _plain(d.val_harmless),
+            "n_train": len(p.harmful),
+            "n_val": len(p.val_harmful),
+            "seed": cfg.seed,
         },
-        metrics={**asdict(best), **asdict(score)},
+        metrics={**asdict(best), **asdict(chosen.score)},
     )
+
+
+def search_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, dict]:
+    """Candidates -> reference filters -> generation-judged coefficient search."""
+    steer_cfg = cfg.steering
+    p = _direction_prompts(cfg)
+    layers = steering_layers(steer_cfg, len(model.model.layers))
+    norms = None
+    if steer_cfg.coeff_unit == "residual":  # coefficients as fractions of the residual stream's norm
+        norms = search.residual_norms(
+            model, tok, chat_texts(tok, p.harmful + p.harmless), steer_cfg.batch_size
+        )
+    candidates: list[Candidate] = []
+    reference_scores: dict[str, list[dict]] = {}
+    for method in steer_cfg.methods:
+        kept, reference_scores[method] = _method_candidates(model, tok, method, p, layers, steer_cfg)
+        candidates += kept
+    if not candidates:
+        raise SafeSteerError(
+            f"no steering candidate passed the reference filters (ablation KL <= steering.max_kl={steer_cfg.max_kl}, "
+            f"steering score >= steering.min_steering_score={steer_cfg.min_steering_score}); set them to null, or try "
+            f"other steering.layers or steering.methods"
+        )
+    trials = _coeff_trials(model, tok, candidates, norms, p, steer_cfg)
+    best = search.best_trial([t for _, t in trials], steer_cfg.max_degenerate, steer_cfg.max_benign_refusal)
+    chosen = next(c for c, t in trials if t is best)
     report = {
-        "chosen": {"method": method, **asdict(best)},
+        "chosen": {"method": chosen.method, **asdict(best)},
         **({"residual_norms": norms.tolist()} if norms is not None else {}),
-        "trials": [{"method": m, **asdict(t)} for m, t in trials],
-        "reference_scores": all_scores,
+        "trials": [{"method": c.method, **asdict(t)} for c, t in trials],
+        "reference_scores": reference_scores,
     }
+    return _vector(cfg, chosen, best, p, model_path), report
+
+
+# ----------------------------------------------------------------------------------- prepare stage
+def token_selection(tc) -> TokenSelection:
+    """``cfg.tokens``'s selection knobs as the :class:`TokenSelection` :mod:`safesteer.core.tokens` takes."""
+    return TokenSelection(
+        method=tc.method,
+        k=tc.k,
+        samples_per_prompt=tc.samples_per_prompt,
+        horizon=tc.horizon,
+        temperature=tc.temperature,
+        top_p=tc.top_p,
+        vote_top=tc.vote_top,
+        min_steered_prob=tc.min_steered_prob,
+        min_student_mass=tc.min_student_mass,
+        batch_size=tc.batch_size,
+        contrast_weight=tc.contrast_weight,
+    )
+
+
+def _steering_vector(cfg, model, tok, model_path: str) -> tuple[S.SteeringVector, dict]:
+    """The given (``steering.vector``) or searched steering vector, with the harm probe when it gates
+    the teacher; and their report entries."""
+    report = {}
+    if cfg.steering.vector:
+        hidden = model.config.get_text_config().hidden_size
+        sv = S.load_vector(cfg.steering.vector, hidden, len(model.model.layers))
+        report["vector"] = {"given": str(cfg.steering.vector)}
+    else:
+        sv, report["vector"] = search_vector(cfg, model, tok, model_path)
+    if cfg.teacher.gate == "probe" and sv.probe is None:
+        sv.probe, report["probe"] = build_probe(cfg, model, tok)
     return sv, report
+
+
+def _reference_teacher(cfg, sv: S.SteeringVector | None) -> S.Teacher:
+    """The teacher the safety tokens are selected against: the searched one (its chosen coefficient,
+    every position: the reference); teacher.coeff / teacher.positions shape distillation only."""
+    extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
+    return S.Teacher(kind=cfg.teacher.kind, vector=sv, **extra)
+
+
+def _safety_tokens(cfg, model, tok, teacher: S.Teacher) -> SafetyTokens:
+    """The given safety tokens (``tokens.path``), or the selection where ``teacher`` differs from the
+    student, on ``tokens.n_prompts`` of the ``data.val_harmless`` prompts."""
+    tc = cfg.tokens
+    if tc.path:
+        return SafetyTokens.load(tc.path, vocab_size=model.get_output_embeddings().weight.shape[0])
+    selection = token_selection(tc)
+    prompts = _instructions(cfg.data.val_harmless, tc.n_prompts, cfg.seed)
+    harmful = _instructions(tc.harmful, tc.n_prompts, cfg.seed) if selection.method == "contrast" else []
+    with tqdm(total=len(prompts) + len(harmful), desc=f"safety tokens ({selection.method})") as bar:
+        return select_safety_tokens(model, tok, teacher, prompts, selection, harmful, bar)
+
+
+def _prepared(cfg, out_dir: Path, report: dict) -> Prepared:
+    vector = out_dir / VECTOR_FILE if cfg.teacher.kind == "vector" else None
+    return Prepared(vector, out_dir / TOKENS_FILE, report)
+
+
+def _reuse(cfg, cached: Path, out_dir: Path) -> Prepared:
+    log.info("prepare: reusing %s", cached)
+    for name in ARTIFACTS:
+        if (cached / name).is_file():
+            shutil.copy2(cached / name, out_dir / name)
+    report = json.loads((out_dir / REPORT_FILE).read_text())
+    report["cache"] = str(cached)
+    return _prepared(cfg, out_dir, report)
+
+
+def _store(out_dir: Path, cached: Path) -> None:
+    with atomic_dir(cached, keep_existing=True) as tmp:  # a concurrent run's equal entry wins
+        for name in ARTIFACTS:
+            if (out_dir / name).is_file():
+                shutil.copy2(out_dir / name, tmp / name)
 
 
 def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
@@ -293,68 +442,23 @@ def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
     model_path = model_path or resolve_model_path(cfg.model.path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    given_vector, given_tokens = cfg.steering.vector, cfg.tokens.path
     key = cache_key(cfg, model_path)
     cached = cache_dir() / "prepare" / key
-    needs_vector = cfg.teacher.kind == "vector"
-    if not given_vector and not given_tokens and (cached / REPORT_FILE).is_file():
-        log.info("prepare: reusing %s", cached)
-        for name in (VECTOR_FILE, TOKENS_FILE, REPORT_FILE):
-            if (cached / name).is_file():
-                shutil.copy2(cached / name, out_dir / name)
-        report = json.loads((out_dir / REPORT_FILE).read_text())
-        report["cache"] = str(cached)
-        return Prepared(out_dir / VECTOR_FILE if needs_vector else None, out_dir / TOKENS_FILE, report)
+    cacheable = not cfg.steering.vector and not cfg.tokens.path  # given files are used, not cached
+    if cacheable and (cached / REPORT_FILE).is_file():
+        return _reuse(cfg, cached, out_dir)
 
     torch.manual_seed(cfg.seed)
     model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
     if torch.cuda.is_available():
         model.cuda()
-    hidden, n_layers = model.config.get_text_config().hidden_size, len(model.model.layers)
     report: dict = {"model": model_path, "cache_key": key}
     sv = None
-    if needs_vector:
-        if given_vector:
-            sv = S.load_vector(given_vector, hidden, n_layers)
-            report["vector"] = {"given": str(given_vector)}
-        else:
-            sv, report["vector"] = search_vector(cfg, model, tok, model_path)
-        if cfg.teacher.gate == "probe" and sv.probe is None:
-            sv.probe, report["probe"] = build_probe(cfg, model, tok)
+    if cfg.teacher.kind == "vector":
+        sv, found = _steering_vector(cfg, model, tok, model_path)
+        report.update(found)
         atomic_write_bytes(out_dir / VECTOR_FILE, S.vector_bytes(sv))
-    # Safety tokens are where the searched teacher (its chosen coefficient, every position: the
-    # reference) differs from the student; teacher.coeff / teacher.positions shape distillation only.
-    teacher = S.Teacher(
-        kind=cfg.teacher.kind,
-        vector=sv,
-        **({"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}),
-    )
-    if given_tokens:
-        st = SafetyTokens.load(given_tokens, vocab_size=model.get_output_embeddings().weight.shape[0])
-    else:
-        tc = cfg.tokens
-        prompts = _instructions(cfg.data.val_harmless, tc.n_prompts, cfg.seed)
-        n = len(prompts) * (2 if tc.method == "contrast" else 1)
-        with tqdm(total=n, desc=f"safety tokens ({tc.method})") as bar:
-            st = select_safety_tokens(
-                model,
-                tok,
-                teacher,
-                prompts,
-                method=tc.method,
-                k=tc.k,
-                samples_per_prompt=tc.samples_per_prompt,
-                horizon=tc.horizon,
-                temperature=tc.temperature,
-                top_p=tc.top_p,
-                vote_top=tc.vote_top,
-                min_steered_prob=tc.min_steered_prob,
-                min_student_mass=tc.min_student_mass,
-                batch_size=tc.batch_size,
-                progress=bar,
-                harmful=_instructions(tc.harmful, tc.n_prompts, cfg.seed) if tc.method == "contrast" else (),
-                contrast_weight=tc.contrast_weight,
-            )
+    st = _safety_tokens(cfg, model, tok, _reference_teacher(cfg, sv))
     atomic_write_json(out_dir / TOKENS_FILE, asdict(st))
     report["tokens"] = {
         "method": st.method,
@@ -364,13 +468,10 @@ def prepare(cfg, out_dir: Path, model_path: str | None = None) -> Prepared:
         "top": st.strings[:20],
     }
     atomic_write_json(out_dir / REPORT_FILE, report)
-    if not given_vector and not given_tokens:
-        with atomic_dir(cached, keep_existing=True) as tmp:  # a concurrent run's equal entry wins
-            for name in (VECTOR_FILE, TOKENS_FILE, REPORT_FILE):
-                if (out_dir / name).is_file():
-                    shutil.copy2(out_dir / name, tmp / name)
+    if cacheable:
+        _store(out_dir, cached)
     del model
-    return Prepared(out_dir / VECTOR_FILE if needs_vector else None, out_dir / TOKENS_FILE, report)
+    return _prepared(cfg, out_dir, report)
 
 
 def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_new_tokens: int = 32) -> dict:
@@ -397,10 +498,6 @@ def measure_teacher(cfg, prepared: Prepared, model_path: str, n: int = 48, max_n
 
 def command(cfg) -> None:
     """``python -m safesteer.prepare``."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from safesteer.report import percent
-
     out = Path(HydraConfig.get().runtime.output_dir)
     model_path = resolve_model_path(cfg.model.path)
     prepared = prepare(cfg, out, model_path)

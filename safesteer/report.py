@@ -6,8 +6,10 @@ scatter collects every sibling run directory that has a ``metrics.json``.
 
 from __future__ import annotations
 
+import argparse
 import base64
 import html
+import io
 import json
 import sys
 from pathlib import Path
@@ -164,9 +166,9 @@ def markdown(results: dict, tokens) -> str:
         lines.append("")
     lines += bar_lines(results)
     lines += validation_lines(results)
-    st = set_table(results)
-    if st:
-        lines += ["## Evaluation sets", "", *st]
+    sets = set_table(results)
+    if sets:
+        lines += ["## Evaluation sets", "", *sets]
     timings = results.get("timings") or {}
     if timings:
         lines += ["## Wall time by stage", "", "| stage | seconds |", "|---|---|"]
@@ -246,10 +248,10 @@ def sibling_runs(run_dir: Path) -> list[dict]:
 def tradeoff_figure(points: list[dict], limits: dict | None, title: str = "", validation: bool = False):
     """Harmful refusal (y) against the largest rise in refusal over the benign sets (x), one point per
     run (one colour per setting), with the bar's corner (top left) shaded. Returns a figure."""
-    import matplotlib
+    import matplotlib  # optional: figures only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: figures only
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     xs = [100 * p["benign_increase"] for p in points]
@@ -285,18 +287,16 @@ def tradeoff_figure(points: list[dict], limits: dict | None, title: str = "", va
 
 def figures(run_dir: Path, results: dict) -> dict[str, Path]:
     """PNG figures in ``run_dir/figures``: set bars, training curves, safety-vs-capability scatter."""
-    import matplotlib
+    import matplotlib  # optional: figures only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: figures only
 
     fig_dir = Path(run_dir) / "figures"
     fig_dir.mkdir(exist_ok=True)
     made = {}
 
     def save(fig, name):
-        import io
-
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -475,9 +475,8 @@ def tradeoff(roots: list[Path], out: Path, validation: bool = False) -> str:
         raise SafeSteerError(
             f"{', '.join(map(str, roots))}: no evaluated run (metrics.json with an 'after' section)"
         )
-    import io
 
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: figures only
 
     what = "validation prompts" if validation else "evaluation sets"
     fig = tradeoff_figure(points, limits, f"{len(points)} runs, {what}", validation)
@@ -489,8 +488,6 @@ def tradeoff(roots: list[Path], out: Path, validation: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m safesteer.report", description="Compare evaluated runs.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="one markdown table row per evaluated run under DIR")

@@ -15,14 +15,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import ray
+import torch
+from safetensors.torch import load
 
 from safesteer.cluster import Placement, configure_threads, release_freed_memory
 from safesteer.core.lora import is_factor_blob, merged_weights
 from safesteer.models import CheckpointReader
 from safesteer.schema import option, require
+from safesteer.weight_sync import rollout_transfer_config
 
 
 @dataclass
@@ -44,9 +50,7 @@ class RolloutConfig(Placement):
     @staticmethod
     def rules(cfg) -> None:
         r = cfg.rollout
-        if r.weight_sync == "nccl":
-            import torch
-
+        if r.weight_sync == "nccl":  # the one check (the worker groups trust it)
             require(
                 torch.cuda.is_available(),
                 "rollout.weight_sync",
@@ -74,8 +78,6 @@ class WeightSyncExtension:
         A LoRA factor blob (:mod:`safesteer.core.lora`) is merged into the base weights the engine
         was started from, read from its checkpoint one layer at a time: the engine then holds the
         base weights plus these adapters, whatever it held before."""
-        from safetensors.torch import load
-
         if is_factor_blob(blob):
             # a partial reload by design: vLLM's warning would list every untouched tensor each step
             logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_partial_reload)
@@ -121,8 +123,6 @@ def engine_kwargs(
     if device == "cpu" or cfg.tensor_parallel_size == 1:
         kw["distributed_executor_backend"] = "uni"
     if cfg.weight_sync == "nccl":
-        from safesteer.weight_sync import rollout_transfer_config
-
         kw["weight_transfer_config"] = rollout_transfer_config()
     return kw
 
@@ -161,7 +161,7 @@ class RolloutWorker:
         if device == "cpu":
             os.environ.update(CPU_ENV)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
-        from vllm import LLM
+        from vllm import LLM  # heavy: only the engine processes need vLLM
 
         self.cfg = cfg
         self.version = 0
@@ -182,7 +182,7 @@ class RolloutWorker:
         ``seeds[i][j]``: a sample depends only on the weights, the prompt and its seed, never on which
         worker drew it or what else was in the batch, so lost work is redone exactly and a resumed run
         draws what an uninterrupted one would. Returns the samples, the policy version and timings."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # heavy: only the engine processes need vLLM
 
         requests, params = [], []
         for p, row in zip(prompt_ids, seeds):
@@ -213,7 +213,7 @@ class RolloutWorker:
 
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
         """Greedy completions (for evaluation), end-of-turn token stripped."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # heavy: only the engine processes need vLLM
 
         params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, skip_special_tokens=True)
         outputs = self.llm.generate(  # a progress bar for evaluation-sized batches
@@ -241,10 +241,6 @@ class RolloutWorker:
         return os.getpid()
 
     def info(self) -> dict:
-        import socket
-
-        import ray
-
         return {
             "version": self.version,
             "weights_sha256": self.weights_sha256,

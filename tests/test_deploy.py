@@ -18,6 +18,7 @@ SAFESTEER_SKIP_SLURM=1 is set.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -392,7 +393,8 @@ def distill_only_cli(tmp_path: Path, *overrides: str) -> list[str]:
     from safesteer.core.tokens import SafetyTokens
 
     tokens = tmp_path / "tokens.json"
-    SafetyTokens([17, 42], ["a", "b"], [1.0, 1.0], [0.1, 0.1], [0.2, 0.2], "kl", 0.1, 0.2).save(tokens)
+    made_up = SafetyTokens([17, 42], ["a", "b"], [1.0, 1.0], [0.1, 0.1], [0.2, 0.2], "kl", 0.1, 0.2)
+    tokens.write_text(json.dumps(dataclasses.asdict(made_up)))
     return [
         sys.executable,
         "-m",

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safesteer.core.loss import localized_reverse_kl_terms, sequence_mean
+from safesteer.core.loss import LocalizedStudent, localized_reverse_kl_terms, sequence_mean
 from safesteer.core.scoring import right_padded_positions
-from safesteer.learner import LocalizedStudent
 
 
 def _batch(vocab: int, K: int, mode: str):
@@ -35,12 +34,13 @@ def _batch(vocab: int, K: int, mode: str):
     return input_ids, attention_mask, completion, t_lp, teacher_ids, ids
 
 
+@pytest.mark.parametrize("chunk", [4, None])  # None: the student computes the full logits itself
 @pytest.mark.parametrize("mode", ["partial", "bucket", "topk", "k1", "k3"])
-def test_the_chunked_head_loss_equals_the_full_logits_loss(tiny, mode: str) -> None:
+def test_the_chunked_head_loss_equals_the_full_logits_loss(tiny, mode: str, chunk: int | None) -> None:
     model, _ = tiny
     model.float().train()
     input_ids, attention_mask, completion, t_lp, teacher_ids, ids = _batch(model.config.vocab_size, 5, mode)
-    student = LocalizedStudent(model, ids, mode, False, False, chunk=4)
+    student = LocalizedStudent(model, ids, mode, False, False, chunk=chunk)
     per_seq, mass = student(input_ids, attention_mask, completion, t_lp, teacher_ids)
     grads = torch.autograd.grad(per_seq.sum(), list(model.parameters()))
 
@@ -115,11 +115,12 @@ def test_learner_teacher_scores_like_the_teacher_actor(tiny_model_dir) -> None:
 
     from transformers import AutoModelForCausalLM
 
+    from safesteer.core.scoring import score_completions
     from safesteer.core.steering import SteeringVector, Teacher, vector_bytes
     from safesteer.core.tokens import SafetyTokens
     from safesteer.learner import LoraSettings, add_lora
     from safesteer.models import load_tokenizer
-    from safesteer.teacher import LearnerTeacher, TeacherConfig, score_completions
+    from safesteer.teacher import LearnerTeacher, TeacherConfig
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = load_tokenizer(str(tiny_model_dir))
@@ -128,7 +129,7 @@ def test_learner_teacher_scores_like_the_teacher_actor(tiny_model_dir) -> None:
     sv = SteeringVector(vector=torch.randn(hidden), layer=2, coeff=4.0, method="test")
     cfg = TeacherConfig(
         backend="learner", kind="vector", anchor_coeff=-0.5, gate="label", coeff=None, positions="prompt",
-        system_prompt=None, topk=5, num_actors=1, chunk_size=3, batch_size=2, bf16=False,
+        system_prompt=None, topk=5, num_actors=1, logits_chunk=3, batch_size=2, bf16=False,
         num_cpus=1, num_gpus=0, threads=1, resources={},
     )  # fmt: skip
     ids = [5, 17, 200, 301]

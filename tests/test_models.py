@@ -12,8 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
+import torch
 
 import safesteer.models as models
 from safesteer.core.steering import SUPPORTED_LAYER_PATH, decoder_layers
@@ -26,10 +28,6 @@ from safesteer.models import (
     resolve_model_path,
     verify_checkpoint,
 )
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
 
 # --- a tiny llama GGUF ----------------------------------------------------------------------------
 

@@ -86,7 +86,7 @@ def test_harm_gated_teacher_prompt_steering_and_model_selection(tmp_path):
     p = run_cli(
         run_dir,
         "teacher.gate=probe",
-        "probe.layers=[1,3]",
+        "probe.depth=[0.25,0.75]",
         "teacher.positions=prompt",
         "trainer.select.every=1",
         "trainer.select.max_new_tokens=4",
@@ -206,13 +206,13 @@ def _fixed_batch(g, n_prompts=4):
     pids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, ins)]
     k = g["cfg"].rollout.samples_per_prompt
     ro = w.collect(*w.generate(1, pids, [[1000 * i + j for j in range(k)] for i in range(len(pids))]))
-    comps = [s["completion_ids"] for samples in ro["samples"] for s in samples]
+    comps = ro.completions
     ins_rep = [i for i in ins for _ in range(k)]
     sc = w.score(1, ins_rep, comps, [True] * len(comps))
     batch = collate([p for p in pids for _ in range(k)], comps, tok.pad_token_id)
     L = batch["input_ids"].shape[1]
     batch["teacher_logprobs"] = to_sequence_positions(
-        sc["teacher"]["logprobs"], batch["prompt_lens"], batch["completion_lens"], L
+        sc.teacher["logprobs"], batch["prompt_lens"], batch["completion_lens"], L
     )
     return ins_rep, comps, sc, batch
 
@@ -220,12 +220,12 @@ def _fixed_batch(g, n_prompts=4):
 def test_teacher_actor_matches_direct_computation(group):
     from safesteer.core.batch import collate, completion_slice
     from safesteer.core.generation import chat_texts
+    from safesteer.core.scoring import score_completions
     from safesteer.core.steering import Teacher, load_vector
     from safesteer.models import load_hf
-    from safesteer.teacher import score_completions
 
     ins, comps, sc, _ = _fixed_batch(group)
-    lp = sc["teacher"]["logprobs"]
+    lp = sc.teacher["logprobs"]
     K = len(group["ids"])
     assert lp.shape == (len(comps), max(len(c) for c in comps), K)
     model, tok = load_hf(group["model_path"])
@@ -261,7 +261,7 @@ def test_teacher_actor_matches_direct_computation(group):
     anchored = score_completions(model, tok, away, ins, comps, "ids", ids, steer=[False] * len(comps))
     assert not torch.allclose(anchored["logprobs"], plain["logprobs"], atol=1e-4)
     steer = [i % 2 == 0 for i in range(len(comps))]
-    mixed = group["workers"].score(1, ins, comps, steer)["teacher"]["logprobs"]
+    mixed = group["workers"].score(1, ins, comps, steer).teacher["logprobs"]
     for i, s in enumerate(steer):
         want = direct[i] if s else anchored["logprobs"][i]
         torch.testing.assert_close(mixed[i], want, atol=1e-4, rtol=1e-4)
@@ -279,7 +279,7 @@ def test_rollout_weights_equal_learner_weights_after_a_step(group):
     blob = w.export(w.dtype)
     digest = hashlib.sha256(blob).hexdigest()
     infos = ray.get([r.info.remote() for r in w.rollout])
-    assert [i["weights_sha256"] for i in infos] == [digest] * len(w.rollout) == sync["sha256"]
+    assert [i["weights_sha256"] for i in infos] == [digest] * len(w.rollout) == sync.sha256
     assert all(i["version"] == 1 for i in infos)
     # functional check: the engine's sampled-token log-probs equal an HF forward of the learners' weights
     from safetensors.torch import load
@@ -315,13 +315,13 @@ def test_sequences_weighted_zero_do_not_train(group):
     n = batch["input_ids"].shape[0]
     batch["weight"] = torch.zeros(n)
     zero = group["workers"].train_step(1, batch)
-    assert zero["loss"] > 0 and zero["grad_norm"] == 0, zero  # the loss is reported, not trained on
+    assert zero.loss > 0 and zero.grad_norm == 0, zero  # the loss is reported, not trained on
     batch["weight"] = torch.tensor([0.0] * (n - 1) + [1.0])
-    assert group["workers"].train_step(1, batch)["grad_norm"] > 0
+    assert group["workers"].train_step(1, batch).grad_norm > 0
 
 
 def test_loss_decreases_on_a_fixed_batch(group):
     w = group["workers"]
     _, _, _, batch = _fixed_batch(group)
-    losses = [w.train_step(1, batch)["loss"] for _ in range(4)]
+    losses = [w.train_step(1, batch).loss for _ in range(4)]
     assert losses[-1] < losses[0], losses

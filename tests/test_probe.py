@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from safesteer.config import compose
 from safesteer.core.generation import chat_texts
 from safesteer.core.probe import (
     HarmProbe,
@@ -14,7 +15,9 @@ from safesteer.core.probe import (
     last_token_states,
     mean_difference,
 )
-from safesteer.core.steering import SteeringVector, load_vector, vector_bytes
+from safesteer.core.steering import SteeringVector, Teacher, load_vector, vector_bytes
+from safesteer.errors import SafeSteerError
+from safesteer.prepare import probe_layers
 
 
 def test_auroc_and_balanced_threshold_on_separable_and_overlapping_scores() -> None:
@@ -92,9 +95,33 @@ def test_probe_travels_in_the_vector_file(tmp_path) -> None:
 
 @pytest.mark.parametrize("steer,expected", [(True, 0.6), (False, -0.3)])
 def test_teacher_coefficient_override(steer: bool, expected: float) -> None:
-    from safesteer.core.steering import Teacher
-
     sv = SteeringVector(vector=torch.randn(4), layer=1, coeff=0.5, method="contrastive")
     t = Teacher(vector=sv, anchor_coeff=-0.3, coeff=0.6)
     assert t.coefficient(steer) == expected
     assert Teacher(vector=sv).coefficient(True) == 0.5
+
+
+# ---------------------------------------------------------------------------- candidate layers
+def test_the_default_probe_depth_picks_the_layers_it_always_used() -> None:
+    """probe.depth, fractions of depth, gives layers 14, 18, 22 of the default model's 30 (the absolute
+    layers the probe was given before), and scales with depth like steering.depth."""
+    depth = compose([]).probe.depth
+    assert probe_layers(depth, 30) == [14, 18, 22]  # SmolLM2-135M
+    assert probe_layers(depth, 28) == [13, 17, 21]
+    assert probe_layers(depth, 36) == [17, 22, 27]
+    assert probe_layers([0.25, 0.75], 4) == [1, 3]  # a fraction on a layer boundary is that layer
+    assert probe_layers([0.75, 0.3, 0.4], 4) == [2, 3]  # sorted; two fractions at one layer give it once
+
+
+@pytest.mark.parametrize("f", [0.9, 1.0, 1.5, -0.1])
+def test_a_probe_depth_with_no_layer_is_a_one_line_error(f: float) -> None:
+    with pytest.raises(SafeSteerError, match=rf"^probe.depth={f:g}: no layer of a 4-layer model") as e:
+        probe_layers([0.5, f], 4)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("depth", ["[]", "[0.5,1.0]", "[-0.2]"])
+def test_probe_depth_outside_zero_one_is_refused_at_start(depth: str) -> None:
+    with pytest.raises(SafeSteerError, match=r"^probe.depth=.*fractions of depth in \[0, 1\)") as e:
+        compose([f"probe.depth={depth}"])
+    assert "\n" not in str(e.value)

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from safesteer.config import compose, validate
-from safesteer.driver import schedule
+from safesteer.data.training import schedule
 from safesteer.errors import SafeSteerError
 
 # The schedule's mechanics on round numbers: 10 training prompts per step, whole epochs.
@@ -25,10 +25,10 @@ def defaults(*overrides: str):
 def test_training_prompts_each_once_per_epoch_without_anchors():
     cfg = config("trainer.anchors_per_step=0", "trainer.epochs=2")
     steps = schedule(100, cfg, n_anchors=128)
-    assert len(steps) == 20 and all(len(s.prompts) == 10 for s in steps)
+    assert len(steps) == 20 and all(len(s) == 10 for s in steps)
     for epoch in (steps[:10], steps[10:]):
-        assert sorted(i for s in epoch for i in s.prompts) == list(range(100))
-    assert steps[0].prompts != steps[10].prompts  # reshuffled per epoch
+        assert sorted(i for s in epoch for i in s) == list(range(100))
+    assert steps[0] != steps[10]  # reshuffled per epoch
 
 
 def test_anchors_follow_the_training_prompts_and_cycle_evenly():
@@ -38,22 +38,22 @@ def test_anchors_follow_the_training_prompts_and_cycle_evenly():
     plain = schedule(n, config("trainer.anchors_per_step=0"))
     assert len(steps) == len(plain) == 10
     for s, p in zip(steps, plain):
-        assert s.prompts[:10] == p.prompts  # the training order is unchanged by anchors
-        anchors = s.prompts[10:]
+        assert s[:10] == p  # the training order is unchanged by anchors
+        anchors = s[10:]
         assert len(anchors) == 5 and all(n <= a < n + m for a in anchors)
         assert len(set(anchors)) == 5
-    counts = Counter(a for s in steps for a in s.prompts[10:])
+    counts = Counter(a for s in steps for a in s[10:])
     assert set(counts) == set(range(n, n + m))  # 50 draws over 12 anchors: every one used
     assert max(counts.values()) - min(counts.values()) <= 1
     # seeded: the same seed gives the same order, another seed another one
-    assert [s.prompts for s in schedule(n, cfg, n_anchors=m)] == [s.prompts for s in steps]
+    assert [s for s in schedule(n, cfg, n_anchors=m)] == [s for s in steps]
     other = schedule(n, config("trainer.anchors_per_step=5", "seed=1"), n_anchors=m)
-    assert [s.prompts[10:] for s in other] != [s.prompts[10:] for s in steps]
+    assert [s[10:] for s in other] != [s[10:] for s in steps]
 
 
 def test_no_anchor_set_means_no_anchors():
     steps = schedule(100, config("trainer.anchors_per_step=5"), n_anchors=0)
-    assert all(len(s.prompts) == 10 for s in steps)
+    assert all(len(s) == 10 for s in steps)
 
 
 def test_anchor_settings_are_validated():
@@ -88,15 +88,15 @@ def test_paired_anchors_come_first_then_the_cycle() -> None:
     steps = schedule(100, cfg, n_anchors=60, pairs=pairs)
     plain = schedule(100, cfg, n_anchors=60)
     for st, pl in zip(steps, plain):
-        train, anchors = st.prompts[:4], [j - 100 for j in st.prompts[4:]]
-        assert train == pl.prompts[:4] and len(anchors) == 3 and len(set(anchors)) == 3
+        train, anchors = st[:4], [j - 100 for j in st[4:]]
+        assert train == pl[:4] and len(anchors) == 3 and len(set(anchors)) == 3
         want = [pairs[p] for p in train if p in pairs][:3]
         assert anchors[: len(want)] == want
 
 
 def test_anchor_pairs_match_one_to_one_categories() -> None:
     from safesteer.data import Prompt, load_prompts
-    from safesteer.run import anchor_pairs
+    from safesteer.data.training import anchor_pairs
 
     train = load_prompts("train_harmful_questions")
     anchors = load_prompts("anchor_edgy") + load_prompts("anchor_benign_questions")

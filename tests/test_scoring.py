@@ -39,11 +39,11 @@ def _alone(model, seq: list[int]) -> torch.Tensor:
     return torch.log_softmax(logits, -1)
 
 
-@pytest.mark.parametrize("chunk_size", [3, 1000])
-def test_ids_output_matches_the_full_forward(tiny, batch, chunk_size: int) -> None:
+@pytest.mark.parametrize("logits_chunk", [3, 1000])
+def test_ids_output_matches_the_full_forward(tiny, batch, logits_chunk: int) -> None:
     model, _ = tiny
     input_ids, attention_mask, seqs = batch
-    out = teacher_logprobs(model, input_ids, attention_mask, output="ids", ids=IDS, chunk_size=chunk_size)
+    out = teacher_logprobs(model, input_ids, attention_mask, output="ids", ids=IDS, logits_chunk=logits_chunk)
     assert set(out) == {"logprobs"}
     lp = out["logprobs"]
     assert lp.shape == (3, input_ids.shape[1] - 1, len(IDS)) and lp.dtype == torch.float32
@@ -57,7 +57,7 @@ def test_chunk_sizes_agree(tiny, batch) -> None:
     model, _ = tiny
     input_ids, attention_mask, _ = batch
     outs = [
-        teacher_logprobs(model, input_ids, attention_mask, output="ids", ids=IDS, chunk_size=c)["logprobs"]
+        teacher_logprobs(model, input_ids, attention_mask, output="ids", ids=IDS, logits_chunk=c)["logprobs"]
         for c in (1, 3, 7, 1000)
     ]
     for o in outs[1:]:
@@ -68,7 +68,7 @@ def test_topk_output_is_the_top_k_of_the_full_log_softmax(tiny, batch) -> None:
     model, _ = tiny
     input_ids, attention_mask, seqs = batch
     k = 5
-    out = teacher_logprobs(model, input_ids, attention_mask, output="topk", k=k, chunk_size=4)
+    out = teacher_logprobs(model, input_ids, attention_mask, output="topk", k=k, logits_chunk=4)
     assert out["ids"].shape == out["logprobs"].shape == (3, input_ids.shape[1] - 1, k)
     for b, s in enumerate(seqs):
         n = len(s) - 1
@@ -90,7 +90,7 @@ def test_topk_output_is_the_top_k_of_the_full_log_softmax(tiny, batch) -> None:
 def test_target_output_is_the_log_prob_of_the_next_token(tiny, batch) -> None:
     model, _ = tiny
     input_ids, attention_mask, seqs = batch
-    out = teacher_logprobs(model, input_ids, attention_mask, output="target", chunk_size=5)["logprobs"]
+    out = teacher_logprobs(model, input_ids, attention_mask, output="target", logits_chunk=5)["logprobs"]
     assert out.shape == (3, input_ids.shape[1] - 1)
     for b, s in enumerate(seqs):
         ref = _alone(model, s).gather(-1, torch.tensor(s[1:]).unsqueeze(-1)).squeeze(-1)
@@ -100,7 +100,7 @@ def test_target_output_is_the_log_prob_of_the_next_token(tiny, batch) -> None:
 def test_full_output_is_the_full_log_softmax(tiny, batch) -> None:
     model, _ = tiny
     input_ids, attention_mask, seqs = batch
-    out = teacher_logprobs(model, input_ids, attention_mask, output="full", chunk_size=6)["logprobs"]
+    out = teacher_logprobs(model, input_ids, attention_mask, output="full", logits_chunk=6)["logprobs"]
     assert out.shape == (3, input_ids.shape[1] - 1, model.config.vocab_size)
     for b, s in enumerate(seqs):
         torch.testing.assert_close(out[b, : len(s) - 1].double(), _alone(model, s), rtol=1e-4, atol=1e-4)
@@ -111,16 +111,18 @@ def test_a_steering_hook_around_the_call_applies(tiny, batch) -> None:
     model, _ = tiny
     input_ids, attention_mask, seqs = batch
     v = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    base = teacher_logprobs(model, input_ids, attention_mask, output="ids", ids=IDS, chunk_size=3)["logprobs"]
+    base = teacher_logprobs(model, input_ids, attention_mask, output="ids", ids=IDS, logits_chunk=3)[
+        "logprobs"
+    ]
     with steering(model, 2, v, 1.0):
-        steered = teacher_logprobs(model, input_ids, attention_mask, output="ids", ids=IDS, chunk_size=3)
+        steered = teacher_logprobs(model, input_ids, attention_mask, output="ids", ids=IDS, logits_chunk=3)
         refs = [_alone(model, s)[:, IDS] for s in seqs]
     steered = steered["logprobs"]
     real = attention_mask[:, 1:].bool()
     assert (steered - base)[real].abs().max() > 1e-3
     for b, s in enumerate(seqs):
         torch.testing.assert_close(steered[b, : len(s) - 1].double(), refs[b], rtol=1e-4, atol=1e-4)
-    after = teacher_logprobs(model, input_ids, attention_mask, output="ids", ids=IDS, chunk_size=3)[
+    after = teacher_logprobs(model, input_ids, attention_mask, output="ids", ids=IDS, logits_chunk=3)[
         "logprobs"
     ]
     assert torch.equal(after, base)

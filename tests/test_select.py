@@ -22,22 +22,28 @@ def test_selectivity_rewards_refusing_harmful_and_helping_harmless() -> None:
 
 
 def test_selector_keeps_the_most_selective_step(tmp_path) -> None:
-    sel = Selector(tmp_path, every=2, harmful_ids=[[1], [2]], harmless_ids=[[3]], max_new_tokens=4)
+    shown: list[str] = []  # the answers of the step being validated
+    decode = lambda x: shown[x[0]]  # noqa: E731
+    sel = Selector(
+        tmp_path, every=2, harmful_ids=[[1], [2]], harmless_ids=[[3]], max_new_tokens=4, decode=decode
+    )
     assert [s for s in range(1, 8) if sel.due(s, 7)] == [2, 4, 6, 7]
-    off = Selector(tmp_path / "off", every=0, harmful_ids=[], harmless_ids=[], max_new_tokens=4)
+    off = Selector(
+        tmp_path / "off", every=0, harmful_ids=[], harmless_ids=[], max_new_tokens=4, decode=decode
+    )
     assert [s for s in range(1, 8) if off.due(s, 7)] == [7]  # validated after the last step only
     answers = {2: [REFUSE, HELP, REFUSE], 4: [REFUSE, REFUSE, HELP], 6: [REFUSE, REFUSE, REFUSE]}
     for step, texts in answers.items():
+        shown[:] = texts
         out = sel.validate(
             step,
             greedy=lambda ids, n, texts=texts: [[i] for i in range(len(texts))],
-            decode=lambda x, texts=texts: texts[x[0]],
             export=lambda step=step: f"weights of step {step}".encode(),
         )
         assert out["best_step"] == (2 if step == 2 else 4)
     assert sel.best_weights() == b"weights of step 4"
     info = json.loads((tmp_path / "best" / "best.json").read_text())
     assert info["step"] == 4 and info["selectivity"] == 1.0
-    again = Selector(tmp_path, every=2, harmful_ids=[], harmless_ids=[], max_new_tokens=4)
+    again = Selector(tmp_path, every=2, harmful_ids=[], harmless_ids=[], max_new_tokens=4, decode=decode)
     again.restore()  # a resumed run continues from the best so far
     assert again.best_step == 4 and again.best_weights() == b"weights of step 4"

@@ -14,11 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from safesteer.config import compose
 from safesteer.core import tokens as T
 from safesteer.core.generation import chat_texts
 from safesteer.core.steering import SteeringVector, Teacher
-from safesteer.core.tokens import SafetyTokens, rank_tokens, select_safety_tokens
+from safesteer.core.tokens import (
+    SafetyTokens,
+    TokenSelection,
+    TokenStats,
+    accumulate,
+    banned_ids,
+    rank_tokens,
+    select_safety_tokens,
+    valid_positions,
+)
 from safesteer.errors import SafeSteerError
+from safesteer.prepare import token_selection
 
 PROMPTS = ["What is the capital of France?", "Tell me a short story about a cat.", "How do tides work?"]
 HORIZON = 4
@@ -143,19 +154,10 @@ def _assert_same_topk(got: list[int], ref_order: list[int], ref_score: torch.Ten
 def test_select_safety_tokens_returns_a_clean_sorted_set(tiny, teacher, method: str) -> None:
     model, tok = tiny
     torch.manual_seed(0)
-    st = select_safety_tokens(
-        model,
-        tok,
-        teacher,
-        PROMPTS[:2],
-        method=method,
-        k=12,
-        samples_per_prompt=2,
-        horizon=3,
-        vote_top=20,
-        min_student_mass=0.0,
-        batch_size=1,
+    sel = TokenSelection(
+        method=method, k=12, samples_per_prompt=2, horizon=3, vote_top=20, min_student_mass=0.0, batch_size=1
     )
+    st = select_safety_tokens(model, tok, teacher, PROMPTS[:2], sel)
     assert st.method == method and 1 <= len(st.ids) <= 12
     assert len(set(st.ids)) == len(st.ids)
     special = set(tok.all_special_ids)
@@ -223,13 +225,34 @@ def test_safety_tokens_load_rejects_bad_files(tmp_path: Path) -> None:
         SafetyTokens.load(tmp_path / "nope.json")
 
 
-def test_invalid_arguments_are_refused(tiny, teacher) -> None:
-    model, tok = tiny
-    with pytest.raises(SafeSteerError, match="tokens.method"):
-        select_safety_tokens(model, tok, teacher, PROMPTS, method="votes")
+def test_invalid_selections_are_refused() -> None:
+    with pytest.raises(SafeSteerError, match="tokens.method=votes: choose one of"):
+        TokenSelection(method="votes")
     for kw in ({"horizon": 0}, {"k": 0}, {"samples_per_prompt": 0}):
         with pytest.raises(SafeSteerError, match=">= 1"):
-            select_safety_tokens(model, tok, teacher, PROMPTS, **kw)
+            TokenSelection(**kw)
+
+
+def test_the_selection_is_built_from_the_tokens_config() -> None:
+    sel = token_selection(compose(["tokens=vote"]).tokens)
+    assert sel == TokenSelection(
+        method="vote", k=50, samples_per_prompt=8, horizon=7, temperature=1.0, top_p=1.0, vote_top=200,
+        min_steered_prob=1e-6, min_student_mass=0.0, batch_size=4, contrast_weight=1.0,
+    )  # fmt: skip
+
+
+def test_valid_positions_stop_at_the_completion_end_of_turn_and_reasoning() -> None:
+    eot, H = torch.tensor([9]), 4
+    argmax = torch.tensor([[1, 9, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    comps = [[5, 6, 7], [5], [7, 5, 8], [7, 5, 6]]  # 7 opens a reasoning block, 8 closes it
+    got = valid_positions(argmax, comps, H, eot, (7, 8))
+    assert got.tolist() == [
+        [True, True, False, False],  # the base argmax reaches end-of-turn at position 1
+        [True, True, False, False],  # position h exists for h <= len(completion)
+        [False, False, False, True],  # <think> 5 </think>: the answer starts at position 3
+        [False, False, False, False],  # a block that never closes within the horizon
+    ]
+    assert valid_positions(argmax, comps, H, eot, None)[2].tolist() == [True] * 4
 
 
 # ------------------------------------------------------------------------- against the reference
@@ -269,11 +292,7 @@ def test_ranking_matches_an_independent_recomputation(
         vs, vb, method, k, banned_ref, min_steered_prob, vote_top
     )
 
-    st = select_safety_tokens(
-        model,
-        tok,
-        teacher,
-        PROMPTS,
+    sel = TokenSelection(
         method=method,
         k=k,
         samples_per_prompt=SAMPLES,
@@ -283,6 +302,7 @@ def test_ranking_matches_an_independent_recomputation(
         min_student_mass=0.0,
         batch_size=2,
     )
+    st = select_safety_tokens(model, tok, teacher, PROMPTS, sel)
     assert fixed_generate == [True, True]  # sampled from the steered model, in 2 prompt batches
     assert st.meta["n_valid_positions"] == vs.shape[0]
     if method == "vote":
@@ -316,34 +336,18 @@ def test_methods_rank_differently(tiny, teacher, completions, fixed_generate, ba
     kl_ids, *_ = _reference_rank(vs, vb, "kl", 10, banned_ref, 1e-6, 200)
     mean_ids, *_ = _reference_rank(vs, vb, "mean", 10, banned_ref, 1e-6, 200)
     assert kl_ids != mean_ids
-    st = select_safety_tokens(
-        model,
-        tok,
-        teacher,
-        PROMPTS,
-        method="kl",
-        k=10,
-        samples_per_prompt=SAMPLES,
-        horizon=HORIZON,
-        min_student_mass=0.0,
-    )
+    sel = TokenSelection(method="kl", k=10, samples_per_prompt=SAMPLES, horizon=HORIZON, min_student_mass=0.0)
+    st = select_safety_tokens(model, tok, teacher, PROMPTS, sel)
     assert st.ids != mean_ids
 
 
 def test_min_student_mass_guard(tiny, teacher, fixed_generate) -> None:
     model, tok = tiny
     with pytest.raises(SafeSteerError, match=r"student's probability mass") as e:
-        select_safety_tokens(
-            model,
-            tok,
-            teacher,
-            PROMPTS,
-            method="kl",
-            k=5,
-            samples_per_prompt=SAMPLES,
-            horizon=HORIZON,
-            min_student_mass=1.0,
+        sel = TokenSelection(
+            method="kl", k=5, samples_per_prompt=SAMPLES, horizon=HORIZON, min_student_mass=1.0
         )
+        select_safety_tokens(model, tok, teacher, PROMPTS, sel)
     assert "min_student_mass=1" in str(e.value)
 
 
@@ -351,18 +355,10 @@ def test_a_set_with_no_kept_token_is_an_error(tiny, teacher, monkeypatch) -> Non
     model, tok = tiny
     monkeypatch.setattr(T, "generate", lambda m, t, texts, n, **kw: [[] for _ in texts for _ in range(2)])
     with pytest.raises(SafeSteerError, match="kept no token"):
-        select_safety_tokens(
-            model,
-            tok,
-            teacher,
-            PROMPTS[:1],
-            method="kl",
-            k=5,
-            samples_per_prompt=2,
-            horizon=2,
-            min_steered_prob=0.5,
-            min_student_mass=0.0,
+        sel = TokenSelection(
+            method="kl", k=5, samples_per_prompt=2, horizon=2, min_steered_prob=0.5, min_student_mass=0.0
         )
+        select_safety_tokens(model, tok, teacher, PROMPTS[:1], sel)
 
 
 # ------------------------------------------------------------------- ranking, on hand-made statistics
@@ -377,17 +373,10 @@ MEAN_KL = torch.tensor([0.0, 0.1, 0.45, 0.3, 0.9, 0.2], dtype=torch.float64)
 BANNED = torch.tensor([False, False, False, False, False, True])
 
 
-def _stats(rows: torch.Tensor, mean_ps, mean_pb, mean_kl) -> dict:
+def _stats(rows: torch.Tensor, mean_ps, mean_pb, mean_kl) -> TokenStats:
     """What :func:`accumulate` returns for these valid rows of Δ and these per-token means."""
     n = rows.shape[0]
-    return {
-        "delta": rows.sum(0),
-        "ps": mean_ps * n,
-        "pb": mean_pb * n,
-        "kl": mean_kl * n,
-        "n": n,
-        "deltas": [rows],
-    }
+    return TokenStats(rows.sum(0), mean_ps * n, mean_pb * n, mean_kl * n, n, [rows])
 
 
 @pytest.mark.parametrize(
@@ -400,7 +389,7 @@ def _stats(rows: torch.Tensor, mean_ps, mean_pb, mean_kl) -> dict:
 )
 def test_rank_mean_and_kl_on_hand_made_statistics(method, k, want_ids, want_scores) -> None:
     acc = _stats(DELTA_ROWS, MEAN_PS, MEAN_PB, MEAN_KL)
-    ids, score = rank_tokens(method, acc, BANNED, k, min_steered_prob=MIN_P)
+    ids, score = rank_tokens(acc, BANNED, TokenSelection(method=method, k=k, min_steered_prob=MIN_P))
     assert ids == want_ids
     assert [score[v].item() for v in ids] == pytest.approx(want_scores)
     assert score[4] == float("-inf") and score[5] == float("-inf")
@@ -419,7 +408,8 @@ def test_rank_mean_and_kl_on_hand_made_statistics(method, k, want_ids, want_scor
 )
 def test_rank_vote_on_hand_made_statistics(vote_top, k, want_ids, want_votes) -> None:
     acc = _stats(DELTA_ROWS, MEAN_PS, MEAN_PB, MEAN_KL)
-    ids, score = rank_tokens("vote", acc, BANNED, k, vote_top=vote_top, min_steered_prob=MIN_P)
+    sel = TokenSelection(method="vote", k=k, vote_top=vote_top, min_steered_prob=MIN_P)
+    ids, score = rank_tokens(acc, BANNED, sel)
     assert ids == want_ids
     assert [score[v].item() for v in ids] == want_votes
     assert score[4] == 0.0 and score[5] == 0.0  # banned ids (row 0's top Δ is 5) get no votes
@@ -438,9 +428,8 @@ def test_rank_contrast_on_hand_made_statistics(weight, want_ids, want_scores) ->
     harmful_ps = torch.tensor([0.2, 0.3, 1e-9, 0.3, 0.3, 0.3], dtype=torch.float64)
     harmful_kl = torch.tensor([0.1, 0.3, 0.2, 0.6, 0.9, 1.0], dtype=torch.float64)
     harmful = _stats(DELTA_ROWS[:1], harmful_ps, MEAN_PB, harmful_kl)
-    ids, score = rank_tokens(
-        "contrast", acc, BANNED, 5, min_steered_prob=MIN_P, harmful=harmful, contrast_weight=weight
-    )
+    sel = TokenSelection(method="contrast", k=5, min_steered_prob=MIN_P, contrast_weight=weight)
+    ids, score = rank_tokens(acc, BANNED, sel, harmful)
     assert ids == want_ids
     assert [score[v].item() for v in ids] == pytest.approx(want_scores)
 
@@ -449,39 +438,37 @@ def test_rank_contrast_on_hand_made_statistics(weight, want_ids, want_scores) ->
 def test_rank_with_everything_banned_is_an_error(method) -> None:
     acc = _stats(DELTA_ROWS, MEAN_PS, MEAN_PB, MEAN_KL)
     with pytest.raises(SafeSteerError, match=f"\\({method}\\) kept no token"):
-        rank_tokens(method, acc, torch.ones(6, dtype=torch.bool), 3, min_steered_prob=MIN_P)
+        rank_tokens(
+            acc, torch.ones(6, dtype=torch.bool), TokenSelection(method=method, k=3, min_steered_prob=MIN_P)
+        )
 
 
 # ------------------------------------------------------------------------------------- contrast
 def test_contrast_ranks_by_harmful_kl_minus_benign_use(tiny, teacher) -> None:
     """contrast = mean p_steered·Δ on the harmful prompts - w · mean p_base on the harmless ones,
     recomputed here from the same sampling (the seed fixes the samples)."""
-    from safesteer.core.tokens import accumulate, banned_ids
-
     model, tok = tiny
     harmless, harmful = PROMPTS[:2], PROMPTS[2:4]
-    kw = dict(samples_per_prompt=2, horizon=3, temperature=1.0, top_p=1.0, batch_size=1)
-    torch.manual_seed(0)
-    st = select_safety_tokens(
-        model, tok, teacher, harmless, method="contrast", k=10, min_student_mass=0.0,
-        harmful=harmful, contrast_weight=2.0, **kw,
+    sel = TokenSelection(
+        method="contrast", k=10, samples_per_prompt=2, horizon=3, min_student_mass=0.0, batch_size=1,
+        contrast_weight=2.0,
     )  # fmt: skip
     torch.manual_seed(0)
-    b = accumulate(model, tok, teacher, harmless, **kw)
-    h = accumulate(model, tok, teacher, harmful, **kw)
-    V = b["ps"].shape[0]
-    score = h["kl"] / h["n"] - 2.0 * b["pb"] / b["n"]
-    banned = banned_ids(tok, V) | (b["ps"] / b["n"] < 1e-6) | (h["ps"] / h["n"] < 1e-6)
+    st = select_safety_tokens(model, tok, teacher, harmless, sel, harmful)
+    torch.manual_seed(0)
+    b = accumulate(model, tok, teacher, harmless, sel)
+    h = accumulate(model, tok, teacher, harmful, sel)
+    V = b.ps.shape[0]
+    score = h.kl / h.n - 2.0 * b.pb / b.n
+    banned = banned_ids(tok, V) | (b.ps / b.n < 1e-6) | (h.ps / h.n < 1e-6)
     want = score.masked_fill(banned, float("-inf")).topk(10).indices.tolist()
     _assert_same_topk(st.ids, want, score, 1e-9)
     assert st.method == "contrast" and st.meta["contrast_weight"] == 2.0
     with pytest.raises(SafeSteerError, match="needs harmful prompts"):
-        select_safety_tokens(model, tok, teacher, harmless, method="contrast", **kw)
+        select_safety_tokens(model, tok, teacher, harmless, sel)
 
 
 def test_the_content_hash_names_the_ids_their_strings_and_their_order():
-    from safesteer.core.tokens import SafetyTokens
-
     def st(ids, strings):
         return SafetyTokens(
             ids, strings, [0.0] * len(ids), [0.0] * len(ids), [0.0] * len(ids), "kl", 0.1, 0.2

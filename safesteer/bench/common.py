@@ -22,13 +22,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from safesteer import config
+from safesteer.core.generation import chat_texts
+from safesteer.core.steering import Teacher, load_vector
+from safesteer.data.training import schedule, training_prompts
+from safesteer.learner import cosine_with_warmup
+from safesteer.models import default_device, load_hf, use_bf16
 from safesteer.paths import atomic_write_json
 
 
 def compose(overrides: list[str], check: bool = True):
     """The run config for ``overrides`` (as ``python -m safesteer.run`` would see it), validated."""
-    from safesteer import config
-
     return config.compose(overrides, check=check)
 
 
@@ -55,8 +62,6 @@ def read_spec(argv: list[str] | None = None) -> dict:
 
 def set_threads(n: int) -> None:
     """One intra-op thread pool of ``n`` threads for the whole process."""
-    import torch
-
     os.environ["OMP_NUM_THREADS"] = str(n)
     os.environ["MKL_NUM_THREADS"] = str(n)
     torch.set_num_threads(max(1, n))
@@ -83,7 +88,7 @@ class TrlWorkload:
     spec: dict
     cfg: object
     tok: object
-    steps: list  # the pipeline's step schedule (safesteer.driver.schedule)
+    steps: list  # the pipeline's step schedule (safesteer.data.training.schedule)
     texts: list[str]  # each training prompt, chat-formatted
     prompt_ids: list[list[int]]  # and its token ids, as the pipeline's rollout gets them
     order: list[int]  # the prompt of every sequence, in step order (each one samples_per_prompt times)
@@ -111,16 +116,6 @@ class TrlWorkload:
 
 def trl_workload(spec: dict) -> TrlWorkload:
     """The config, prompts, steered teacher, student and optimizer of a TRL baseline."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from safesteer.core.generation import chat_texts
-    from safesteer.core.steering import Teacher, load_vector
-    from safesteer.driver import schedule
-    from safesteer.learner import cosine_with_warmup
-    from safesteer.models import load_hf
-    from safesteer.run import training_prompts
-
     set_threads(spec["threads"])
     cfg = compose(spec["overrides"])
     t_setup = time.perf_counter()
@@ -133,7 +128,7 @@ def trl_workload(spec: dict) -> TrlWorkload:
     instructions, prompt_ids, _ = training_prompts(cfg, tok)
     steps = schedule(len(instructions), cfg)
     k = cfg.rollout.samples_per_prompt
-    order = [i for step in steps for i in step.prompts for _ in range(k)]
+    order = [i for step in steps for i in step for _ in range(k)]
     vec = load_vector(cfg.steering.vector) if cfg.teacher.kind == "vector" else None
     extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
     # TRL's teacher forward sees no prompt boundary: the vector is added at every position (a
@@ -157,7 +152,7 @@ def trl_workload(spec: dict) -> TrlWorkload:
         texts=chat_texts(tok, instructions),
         prompt_ids=[list(p) for p in prompt_ids],
         order=order,
-        seqs_per_step=len(steps[0].prompts) * k,
+        seqs_per_step=len(steps[0]) * k,
         teacher=teacher,
         teacher_model=teacher_model,
         student=student,
@@ -168,11 +163,6 @@ def trl_workload(spec: dict) -> TrlWorkload:
 
 def trl_training_args(w: TrlWorkload, output_dir: str) -> dict:
     """The ``TrainingArguments`` both TRL configs get: batch, steps, learner settings, no extras."""
-    import torch
-
-    from safesteer.models import use_bf16
-    from safesteer.run import device
-
     ln, micro = w.cfg.learner, w.spec["micro_batch"]
     return dict(
         output_dir=output_dir,
@@ -182,7 +172,7 @@ def trl_training_args(w: TrlWorkload, output_dir: str) -> dict:
         max_steps=len(w.steps),
         learning_rate=float(ln.lr),
         max_grad_norm=float(ln.grad_clip),
-        bf16=use_bf16(ln.bf16, device()),
+        bf16=use_bf16(ln.bf16, default_device()),
         # TRL's SFT-derived default (True) would generate without a KV cache and recompute activations
         # in the backward; the model fits, so turn it off as the other systems do.
         gradient_checkpointing=False,
@@ -200,7 +190,6 @@ def trl_training_args(w: TrlWorkload, output_dir: str) -> dict:
 
 def step_clock():
     """A ``TrainerCallback`` that notes when training starts and when each optimizer step ends."""
-    from transformers import TrainerCallback
 
     class Clock(TrainerCallback):
         def __init__(self):
@@ -219,8 +208,7 @@ def run_trl(argv: list[str] | None, system: str, build: Callable) -> int:
     """Run one TRL baseline and write its result. ``build(workload, training_args)`` returns the
     trainer class, its config and the train dataset; the trainer gets the student, the steered teacher
     (the steering context lasts the whole run), the tokenizer, the optimizer and the step clock."""
-    import torch
-    import trl
+    import trl  # optional: the TRL baselines only
 
     spec = read_spec(argv)
     w = trl_workload(spec)

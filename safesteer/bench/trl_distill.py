@@ -45,7 +45,10 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from safesteer.bench.common import TrlWorkload, run_trl
+from safesteer.rollout import CPU_ENV
 
 # generate with TRL's colocated vLLM engine (use_vllm=True, vllm_mode="colocate"); False: HF generate
 USE_VLLM = True
@@ -69,8 +72,6 @@ def vllm_sync_works(flags: set[str]) -> bool:
 def build(w: TrlWorkload, args: dict):
     """DistillationTrainer (on-policy, beta=1) counting tokens and generation seconds, its config, the
     prompt-only dataset."""
-    import torch
-
     r = w.cfg.rollout
     vllm = {}
     use_vllm = USE_VLLM
@@ -81,12 +82,10 @@ def build(w: TrlWorkload, args: dict):
     if use_vllm:
         vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=int(r.max_model_len))
         if not torch.cuda.is_available():  # before TRL imports vLLM
-            from safesteer.rollout import CPU_ENV
-
             os.environ.update(CPU_ENV)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(r.kv_cache_gb))
-    from datasets import Dataset
-    from trl import DistillationConfig, DistillationTrainer
+    from datasets import Dataset  # optional: the TRL baselines only
+    from trl import DistillationConfig, DistillationTrainer  # optional: the TRL baselines only
 
     ids_of = {w.texts[i]: w.prompt_ids[i] for i in w.order}
 

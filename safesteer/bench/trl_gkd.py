@@ -20,22 +20,23 @@ import os
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
+from torch.utils.data import SequentialSampler
+
 from safesteer.bench.common import TrlWorkload, run_trl  # noqa: E402
 
 
 def gkd_classes():
     """``(GKDConfig, GKDTrainer)`` wherever this TRL version keeps them."""
     try:
-        from trl.experimental.gkd import GKDConfig, GKDTrainer
+        from trl.experimental.gkd import GKDConfig, GKDTrainer  # optional: the TRL baselines only
     except ImportError:
-        from trl import GKDConfig, GKDTrainer
+        from trl import GKDConfig, GKDTrainer  # optional: the TRL baselines only
     return GKDConfig, GKDTrainer
 
 
 def build(w: TrlWorkload, args: dict):
     """GKD (lmbda=1, beta=1) counting tokens and generation seconds, its config, the dataset."""
-    from datasets import Dataset
-    from torch.utils.data import SequentialSampler
+    from datasets import Dataset  # optional: the TRL baselines only
 
     GKDConfig, GKDTrainer = gkd_classes()
     eos = w.tok.eos_token_id

@@ -14,6 +14,7 @@ holds a second copy of the model.
 from __future__ import annotations
 
 import torch
+from safetensors.torch import load, save
 
 from safesteer.core.blobs import header
 
@@ -23,8 +24,6 @@ A, B = ".lora_A.weight", ".lora_B.weight"
 
 def factor_blob(state: dict[str, torch.Tensor], scaling: float, adapter: str = "default") -> bytes:
     """The adapter's factors out of a peft-injected state dict, as a factor blob."""
-    from safetensors.torch import save
-
     out = {}
     for name, value in state.items():
         for kind, suffix in (("lora_A", A), ("lora_B", B)):
@@ -48,8 +47,6 @@ def is_factor_blob(blob: bytes) -> bool:
 
 def load_factors(blob: bytes) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
     """``{layer: (A, B)}`` and the scaling of a factor blob."""
-    from safetensors.torch import load
-
     tensors = load(blob)
     layers = {n[: -len(A)]: (tensors[n], tensors[n[: -len(A)] + B]) for n in tensors if n.endswith(A)}
     return layers, float(_metadata(blob)["scaling"])
@@ -69,6 +66,4 @@ def merged_weights(blob: bytes, read_base, dtype: torch.dtype | None = None):
 
 def peft_adapter(blob: bytes) -> bytes:
     """A factor blob as peft's ``adapter_model.safetensors`` (keys under ``base_model.model.``)."""
-    from safetensors.torch import load, save
-
     return save({f"base_model.model.{k}": v for k, v in load(blob).items()})

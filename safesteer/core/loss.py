@@ -32,6 +32,9 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from safesteer.core.batch import trim
+from safesteer.core.scoring import right_padded_positions
+
 MODES = ("partial", "bucket", "full", "topk", "k1", "k3")
 
 
@@ -186,3 +189,97 @@ def safety_mass(student_logits: torch.Tensor, ids: torch.Tensor, mask: torch.Ten
         mass = gather_logprobs(student_logits, ids).exp().sum(-1)
         m = mask.to(mass.dtype)
         return (mass * m).sum() / m.sum().clamp(min=1.0)
+
+
+# -- the student: the loss of one micro-batch, as the learner ranks compute it --------------------
+
+
+def output_head(lm):
+    """The student's head as a function of the final hidden states (with the logit soft-capping of
+    the models that have one, e.g. Gemma 2)."""
+    head = lm.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    if not cap:
+        return head
+    return lambda h: torch.tanh(head(h) / cap) * cap
+
+
+class LocalizedStudent(torch.nn.Module):
+    """The student whose forward is the localized loss of one micro-batch, per sequence; this is the
+    module DeepSpeed wraps, so the backward starts at the loss and ZeRO's hooks see every parameter.
+
+    The head runs only on completion positions and ``chunk`` of them at a time
+    (:func:`head_logprobs`): the float32 full-vocabulary logits of a micro-batch are never
+    materialised. ``mode="full"`` needs the whole distribution and computes full logits, as does
+    ``chunk=None`` for every mode (the plain way to write the loss, which the benchmarks compare with).
+    """
+
+    def __init__(
+        self, lm, ids: torch.Tensor | None, mode: str, renormalize: bool, bf16: bool, chunk: int | None
+    ):
+        super().__init__()
+        self.lm = lm
+        self.ids, self.mode, self.renormalize, self.bf16, self.chunk = ids, mode, renormalize, bf16, chunk
+
+    def forward(self, input_ids, attention_mask, completion_mask, teacher_logprobs, teacher_ids=None):
+        """Returns (per-sequence loss (B,), the student's mean safety-token mass (scalar, no grad))."""
+        device, head = input_ids.device.type, output_head(self.lm)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
+            hidden = self.lm.base_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=right_padded_positions(attention_mask),
+                use_cache=False,
+            ).last_hidden_state[:, :-1]
+            full = self.mode == "full" or self.chunk is None
+            if full:
+                logits = head(hidden)
+        if full:
+            ids = teacher_ids if self.mode == "topk" else self.ids
+            terms = localized_reverse_kl_terms(
+                logits, teacher_logprobs, ids, self.mode, self.renormalize, target_ids=input_ids[:, 1:]
+            )
+            mass = safety_mass(logits, self.ids, completion_mask) if self.ids is not None else None
+            return sequence_mean(terms, completion_mask), mass
+        sel = completion_mask.bool()
+        rows = sel.nonzero()[:, 0]
+        h = hidden[sel]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
+            if self.mode in ("k1", "k3"):
+                ids = input_ids[:, 1:][sel].unsqueeze(-1)
+            else:
+                ids = teacher_ids[sel] if self.mode == "topk" else self.ids
+            s_lp = head_logprobs(h, head, ids, self.chunk)
+            mass = None
+            if self.ids is not None:
+                with torch.no_grad():
+                    own = self.mode in ("partial", "bucket")
+                    set_lp = s_lp if own else head_logprobs(h.detach(), head, self.ids, self.chunk)
+                    mass = set_lp.exp().sum(-1).mean() if set_lp.numel() else set_lp.new_zeros(())
+        if self.mode in ("k1", "k3"):
+            s_lp = s_lp.squeeze(-1)
+        terms = gathered_terms(s_lp, teacher_logprobs[sel], self.mode, self.renormalize)
+        return per_sequence_mean(terms, rows, input_ids.shape[0]), mass
+
+
+def micro_batch_loss(student, mb: dict, device: str) -> tuple[torch.Tensor, dict]:
+    """The localized reverse KL of one micro-batch (``student`` is the DeepSpeed engine around a
+    :class:`LocalizedStudent`, or the module itself) and its statistics: the loss sums, the anchors'
+    part, the student's safety-token mass."""
+    mb = {k: v.to(device) for k, v in trim(mb).items()}
+    per_seq, mass = student(
+        input_ids=mb["input_ids"],
+        attention_mask=mb["attention_mask"],
+        completion_mask=mb["completion_mask"],
+        teacher_logprobs=mb["teacher_logprobs"],
+        teacher_ids=mb.get("teacher_ids"),
+    )
+    stats = {"loss_sum": per_seq.sum().item(), "sequences": per_seq.numel()}
+    if "anchor" in mb:
+        stats["anchor_loss_sum"] = (per_seq.detach() * mb["anchor"]).sum().item()
+        stats["anchor_sequences"] = int(mb["anchor"].sum().item())
+    if mass is not None:
+        stats["mass_sum"] = mass.item() * per_seq.numel()
+    # Anchor sequences weigh trainer.anchor_weight in the loss (training sequences 1).
+    loss = (per_seq * mb["weight"]).mean() if "weight" in mb else per_seq.mean()
+    return loss, stats

@@ -173,8 +173,11 @@ def reference_scores(
 
 
 def depth_layers(num_layers: int, depth: Sequence[float] = (0.0, 0.8)) -> list[int]:
-    """The layers ``l`` with ``lo <= l / num_layers < hi`` for ``depth = (lo, hi)``, fractions of depth:
-    one setting for any depth. The reference, (0, 0.8), drops the last 20% of the layers."""
+    """The layers ``l`` (0-based) with ``ceil(lo * L) <= l < floor(hi * L)`` for ``depth = (lo, hi)``,
+    ``L = num_layers``: the layers whose whole slice ``[l / L, (l + 1) / L]`` of depth lies within
+    ``[lo, hi]`` (a product within 1e-9 of an integer counts as that integer). One setting serves any
+    depth: (0.4, 0.55) gives layers 12-15 of 30 (not 16: its slice ends at 17/30 > 0.55) and 15-18 of
+    36. The reference, (0, 0.8), keeps the layers within the first 80% of depth (0-23 of 30, 0-21 of 28)."""
     lo, hi = depth
     return list(range(math.ceil(lo * num_layers - 1e-9), math.floor(hi * num_layers + 1e-9)))
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from safesteer.core.blobs import header
 from safesteer.core.generation import chat_texts
@@ -59,9 +61,6 @@ class SteeringVector:
 
 def _parse_vector(blob: bytes, where: str) -> SteeringVector:
     """A SteeringVector from safetensors bytes; anything else (a pickle, say) is refused unread."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
     try:
         meta = header(blob).get("__metadata__") or {}
         tensors = load(blob)
@@ -85,8 +84,6 @@ def _parse_vector(blob: bytes, where: str) -> SteeringVector:
 
 def vector_bytes(sv: SteeringVector) -> bytes:
     """The safetensors serialisation of ``sv`` (vector + metadata)."""
-    from safetensors.torch import save
-
     return save(sv.tensors(), metadata=sv.meta())
 
 

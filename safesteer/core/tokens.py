@@ -26,12 +26,13 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from safesteer.core.generation import (
+    batches,
     chat_texts,
     generate,
     reasoning_ids,
@@ -42,6 +43,73 @@ from safesteer.core.steering import Teacher
 from safesteer.errors import SafeSteerError
 
 TOKEN_METHODS = ("vote", "mean", "kl", "contrast")
+
+
+# the selection settings a token file records (in this order)
+META_SETTINGS = ("k", "samples_per_prompt", "horizon", "temperature", "top_p", "vote_top", "min_steered_prob")
+
+
+@dataclass(frozen=True)
+class TokenSelection:
+    """How the safety tokens are selected (``conf/tokens``; see the module docstring): ``method`` and set
+    size ``k``; S = ``samples_per_prompt`` steered samples of horizon H = ``horizon`` per prompt, drawn at
+    ``temperature`` / ``top_p``; ``batch_size`` prompts per forward. An invalid method or size is
+    refused here, so every function below may trust it."""
+
+    method: str = "kl"
+    k: int = 50
+    samples_per_prompt: int = 8
+    horizon: int = 7
+    temperature: float = 1.0
+    top_p: float = 1.0
+    vote_top: int = 200  # vote: each valid position votes for its top-vote_top tokens
+    min_steered_prob: float = 1e-6  # ids with a lower mean steered probability are banned
+    min_student_mass: float = 1e-3  # refuse a set carrying less of the student's mass (0: never)
+    batch_size: int = 4
+    contrast_weight: float = 1.0  # contrast: the weight of the original model's benign probability
+
+    def __post_init__(self) -> None:
+        if self.method not in TOKEN_METHODS:
+            raise SafeSteerError(f"tokens.method={self.method}: choose one of {', '.join(TOKEN_METHODS)}")
+        if min(self.horizon, self.k, self.samples_per_prompt) < 1:
+            raise SafeSteerError("tokens.horizon, tokens.k and tokens.samples_per_prompt must be >= 1")
+
+
+@dataclass
+class TokenStats:
+    """Sums over the valid (sample, position) rows of Δ, p_steered, p_base and p_steered·Δ (each (V,)
+    float64), their count ``n`` and, for voting only, the valid rows of Δ themselves."""
+
+    delta: torch.Tensor
+    ps: torch.Tensor
+    pb: torch.Tensor
+    kl: torch.Tensor
+    n: int = 0
+    deltas: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def zeros(cls, vocab_size: int) -> TokenStats:
+        return cls(*(torch.zeros(vocab_size, dtype=torch.float64) for _ in range(4)))
+
+    @property
+    def mean_ps(self) -> torch.Tensor:
+        return self.ps / self.n
+
+    @property
+    def mean_pb(self) -> torch.Tensor:
+        return self.pb / self.n
+
+    def add(self, lp_steered: torch.Tensor, lp_base: torch.Tensor, keep_deltas: bool = False) -> None:
+        """Add valid rows (n, V) of the steered and the unsteered log-probs."""
+        d = lp_steered - lp_base
+        ps, pb = lp_steered.exp(), lp_base.exp()
+        self.delta += d.sum(0, dtype=torch.float64)
+        self.ps += ps.sum(0, dtype=torch.float64)
+        self.pb += pb.sum(0, dtype=torch.float64)
+        self.kl += (ps * d).sum(0, dtype=torch.float64)
+        self.n += d.shape[0]
+        if keep_deltas:
+            self.deltas.append(d)
 
 
 @dataclass
@@ -137,177 +205,154 @@ def _forced_logprobs(
     return torch.log_softmax(logits, -1)
 
 
+def _sample(model, tok, teacher: Teacher, texts: Sequence[str], selection: TokenSelection) -> list[list[int]]:
+    """``samples_per_prompt`` completions of ``horizon - 1`` tokens per prompt text, sampled from the
+    steered model (none to sample when ``horizon == 1``)."""
+    s = selection
+    with teacher.apply(model):
+        if s.horizon == 1:
+            return [[] for _ in range(len(texts) * s.samples_per_prompt)]
+        return generate(
+            model,
+            tok,
+            texts,
+            s.horizon - 1,
+            do_sample=True,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            num_return_sequences=s.samples_per_prompt,
+            batch_size=len(texts),
+        )
+
+
+def valid_positions(
+    base_argmax: torch.Tensor,
+    completions: Sequence[Sequence[int]],
+    horizon: int,
+    eot: torch.Tensor,
+    think: tuple[int, int] | None,
+) -> torch.Tensor:
+    """(N, H) bool: the (sample, position) rows that count. Position h predicts completion token h, so it
+    exists for h <= len(completion); positions after the unsteered argmax ``base_argmax`` (N, H) first
+    reaches an end-of-turn id in ``eot``, and positions inside a reasoning block (``think``: the ids of
+    ``<think>`` and ``</think>``; thinking is not the answer), are masked."""
+    lens = torch.tensor([len(c) for c in completions])
+    h_idx = torch.arange(horizon).unsqueeze(0)
+    valid = h_idx <= lens.unsqueeze(1)
+    is_eot = torch.isin(base_argmax, eot)
+    first = torch.where(is_eot.any(1), is_eot.float().argmax(1), torch.full_like(lens, horizon))
+    valid &= h_idx <= first.unsqueeze(1)
+    if think is not None:
+        skip = [
+            reasoning_length(c, think) if think[1] in c or not c or c[0] != think[0] else horizon + 1
+            for c in completions
+        ]
+        valid &= h_idx >= torch.tensor(skip).unsqueeze(1)
+    return valid
+
+
 @torch.no_grad()
 def accumulate(
     model,
     tok,
     teacher: Teacher,
     instructions: Sequence[str],
-    samples_per_prompt: int,
-    horizon: int,
-    temperature: float,
-    top_p: float,
-    batch_size: int,
+    selection: TokenSelection,
     keep_deltas: bool = False,
     progress=None,
-) -> dict:
-    """Steered samples on ``instructions``, teacher-forced through the steered and the unsteered
-    model: sums over valid positions of Δ, p_steered, p_base and p_steered·Δ (each (V,) float64),
-    their count ``n``, and (``keep_deltas``) the valid rows of Δ."""
-    V = model.get_output_embeddings().weight.shape[0]
+) -> TokenStats:
+    """Steered samples on ``instructions`` (``selection.batch_size`` prompts at a time), teacher-forced
+    through the steered and the unsteered model: the :class:`TokenStats` of the valid positions
+    (:func:`valid_positions`), with the rows of Δ when ``keep_deltas``."""
+    S, H = selection.samples_per_prompt, selection.horizon
+    stats = TokenStats.zeros(model.get_output_embeddings().weight.shape[0])
     eot = torch.tensor(sorted(stop_token_ids(model, tok)))
-    sum_delta = torch.zeros(V, dtype=torch.float64)
-    sum_ps = torch.zeros(V, dtype=torch.float64)
-    sum_pb = torch.zeros(V, dtype=torch.float64)
-    sum_kl = torch.zeros(V, dtype=torch.float64)
-    n_valid = 0
-    deltas: list[torch.Tensor] = []  # valid rows of Δ, kept only for voting
-    for i in range(0, len(instructions), batch_size):
-        chunk = list(instructions[i : i + batch_size])
-        t_texts = teacher.prompt_texts(tok, chunk)
-        b_texts = chat_texts(tok, chunk)
-        with teacher.apply(model):
-            comps = (
-                generate(
-                    model,
-                    tok,
-                    t_texts,
-                    horizon - 1,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_p=top_p,
-                    num_return_sequences=samples_per_prompt,
-                    batch_size=len(t_texts),
-                )
-                if horizon > 1
-                else [[] for _ in range(len(chunk) * samples_per_prompt)]
-            )
-        t_rep = [t for t in t_texts for _ in range(samples_per_prompt)]
-        lp_s = _forced_logprobs(model, t_rep, comps, horizon, tok, teacher)
-        b_rep = [t for t in b_texts for _ in range(samples_per_prompt)]
-        lp_b = _forced_logprobs(model, b_rep, comps, horizon, tok)
-        # valid: position h predicts completion token h; it exists for h <= len(completion)
-        lens = torch.tensor([len(c) for c in comps])
-        h_idx = torch.arange(horizon)
-        valid = h_idx.unsqueeze(0) <= lens.unsqueeze(1)
-        # mask positions after the unsteered argmax reaches an end-of-turn token
-        is_eot = torch.isin(lp_b.argmax(-1).cpu(), eot)
-        first = torch.where(is_eot.any(1), is_eot.float().argmax(1), torch.full_like(lens, horizon))
-        valid &= h_idx.unsqueeze(0) <= first.unsqueeze(1)
-        # and positions inside a reasoning block (<think>...</think>): thinking is not the answer
-        think = reasoning_ids(tok)
-        if think is not None:
-            skip = [
-                reasoning_length(c, think) if think[1] in c or not c or c[0] != think[0] else horizon + 1
-                for c in comps
-            ]
-            valid &= h_idx.unsqueeze(0) >= torch.tensor(skip).unsqueeze(1)
-        vs, vb = lp_s[valid.to(lp_s.device)].cpu(), lp_b[valid.to(lp_b.device)].cpu()  # (n,V)
-        d = vs - vb
-        ps, pb = vs.exp(), vb.exp()
-        sum_delta += d.sum(0, dtype=torch.float64)
-        sum_ps += ps.sum(0, dtype=torch.float64)
-        sum_pb += pb.sum(0, dtype=torch.float64)
-        sum_kl += (ps * d).sum(0, dtype=torch.float64)
-        n_valid += d.shape[0]
-        if keep_deltas:
-            deltas.append(d)
+    for chunk in batches(list(instructions), selection.batch_size):
+        t_texts, b_texts = teacher.prompt_texts(tok, chunk), chat_texts(tok, chunk)
+        comps = _sample(model, tok, teacher, t_texts, selection)
+        lp_s = _forced_logprobs(model, [t for t in t_texts for _ in range(S)], comps, H, tok, teacher)
+        lp_b = _forced_logprobs(model, [t for t in b_texts for _ in range(S)], comps, H, tok)
+        valid = valid_positions(lp_b.argmax(-1).cpu(), comps, H, eot, reasoning_ids(tok))
+        stats.add(lp_s[valid.to(lp_s.device)].cpu(), lp_b[valid.to(lp_b.device)].cpu(), keep_deltas)
         if progress is not None:
             progress.update(len(chunk))
-    return {
-        "delta": sum_delta,
-        "ps": sum_ps,
-        "pb": sum_pb,
-        "kl": sum_kl,
-        "n": n_valid,
-        "deltas": deltas,
-    }
+    return stats
+
+
+def _votes(deltas: Sequence[torch.Tensor], banned: torch.Tensor, vote_top: int) -> torch.Tensor:
+    """(V,) float64: how many rows of Δ have each unbanned id among their top ``vote_top``."""
+    V = banned.shape[0]
+    votes = torch.zeros(V, dtype=torch.float64)
+    top = min(vote_top, V)
+    for d in deltas:
+        d = d.masked_fill(banned, float("-inf"))
+        idx = d.topk(top, dim=-1).indices.flatten()
+        votes += torch.bincount(idx, minlength=V).double()
+    return votes.masked_fill(banned, 0.0)
 
 
 def rank_tokens(
-    method: str,
-    acc: dict,
+    stats: TokenStats,
     banned: torch.Tensor,
-    k: int,
-    vote_top: int = 200,
-    min_steered_prob: float = 1e-6,
-    harmful: dict | None = None,
-    contrast_weight: float = 1.0,
+    selection: TokenSelection,
+    harmful: TokenStats | None = None,
 ) -> tuple[list[int], torch.Tensor]:
-    """Rank the vocabulary by ``method`` (see the module docstring) from :func:`accumulate`'s
+    """Rank the vocabulary by ``selection.method`` (see the module docstring) from :func:`accumulate`'s
     statistics; pure. ``banned`` (V,) bool marks ids that may never be chosen; ids whose mean steered
-    probability is below ``min_steered_prob`` are banned too. ``harmful`` is the accumulation on the
-    harmful prompts (``method="contrast"`` only). Returns the chosen ids, best first (at most ``k``),
-    and the (V,) score they were ranked by."""
-    V, n_valid = acc["ps"].shape[0], acc["n"]
-    mean_ps, mean_pb = acc["ps"] / n_valid, acc["pb"] / n_valid
-    banned = banned | (mean_ps < min_steered_prob)
-    if method == "vote":
-        votes = torch.zeros(V, dtype=torch.float64)
-        top = min(vote_top, V)
-        for d in acc["deltas"]:
-            d = d.masked_fill(banned, float("-inf"))
-            idx = d.topk(top, dim=-1).indices.flatten()
-            votes += torch.bincount(idx, minlength=V).double()
-        score = votes.masked_fill(banned, 0.0)
-        mean_delta = acc["delta"] / n_valid
-        order = sorted(range(V), key=lambda v: (-score[v].item(), -mean_delta[v].item()))[: k * 2]
-        chosen = [v for v in order if score[v] > 0][:k]
-    elif method == "contrast":
-        # what steering adds on harmful prompts, minus what the original model uses on benign ones
-        score = harmful["kl"] / harmful["n"] - contrast_weight * mean_pb
-        banned = banned | (harmful["ps"] / harmful["n"] < min_steered_prob)
-        score = score.masked_fill(banned, float("-inf"))
-        chosen = [v for v in score.topk(min(k, V)).indices.tolist() if torch.isfinite(score[v])]
-    elif method in ("mean", "kl"):
-        score = (acc["delta"] if method == "mean" else acc["kl"]) / n_valid
-        score = score.masked_fill(banned, float("-inf"))
-        chosen = [v for v in score.topk(min(k, V)).indices.tolist() if torch.isfinite(score[v])]
+    probability is below ``selection.min_steered_prob`` are banned too. ``harmful`` is the accumulation
+    on the harmful prompts (``method="contrast"`` only). Returns the chosen ids, best first (at most
+    ``selection.k``), and the (V,) score they were ranked by."""
+    s, V = selection, stats.ps.shape[0]
+    banned = banned | (stats.mean_ps < s.min_steered_prob)
+    if s.method == "vote":
+        score = _votes(stats.deltas, banned, s.vote_top)
+        mean_delta = stats.delta / stats.n
+        order = sorted(range(V), key=lambda v: (-score[v].item(), -mean_delta[v].item()))[: s.k * 2]
+        chosen = [v for v in order if score[v] > 0][: s.k]
     else:
-        raise SafeSteerError(f"tokens.method={method}: choose one of {', '.join(TOKEN_METHODS)}")
+        if s.method == "contrast":
+            # what steering adds on harmful prompts, minus what the original model uses on benign ones
+            score = harmful.kl / harmful.n - s.contrast_weight * stats.mean_pb
+            banned = banned | (harmful.mean_ps < s.min_steered_prob)
+        else:  # mean, kl
+            score = (stats.delta if s.method == "mean" else stats.kl) / stats.n
+        score = score.masked_fill(banned, float("-inf"))
+        chosen = [v for v in score.topk(min(s.k, V)).indices.tolist() if torch.isfinite(score[v])]
     if not chosen:
         raise SafeSteerError(
-            f"safety-token selection ({method}) kept no token; lower tokens.min_steered_prob"
+            f"safety-token selection ({s.method}) kept no token; lower tokens.min_steered_prob"
         )
     return chosen, score
 
 
 def package_tokens(
     tok,
-    method: str,
     chosen: list[int],
     score: torch.Tensor,
-    acc: dict,
-    settings: dict,
+    stats: TokenStats,
+    selection: TokenSelection,
     n_prompts: int,
     n_harmful_prompts: int = 0,
-    contrast_weight: float = 1.0,
 ) -> SafetyTokens:
     """The :class:`SafetyTokens` of ``chosen`` (from :func:`rank_tokens`): strings, scores, mean
-    base/steered probabilities and masses from :func:`accumulate`'s ``acc``; as meta, the selection
-    ``settings``, the prompt counts and the number of valid positions."""
-    n_valid = acc["n"]
-    mean_ps, mean_pb = acc["ps"] / n_valid, acc["pb"] / n_valid
-    ids = torch.tensor(chosen)
+    base/steered probabilities and masses from :func:`accumulate`'s ``stats``; as meta, the selection's
+    settings, the prompt counts and the number of valid positions."""
+    s, ids = selection, torch.tensor(chosen)
+    mean_ps, mean_pb = stats.mean_ps, stats.mean_pb
+    meta = {k: v for k, v in asdict(s).items() if k in META_SETTINGS}
+    meta.update(n_prompts=n_prompts, n_valid_positions=stats.n)
+    if s.method == "contrast":
+        meta.update(n_harmful_prompts=n_harmful_prompts, contrast_weight=s.contrast_weight)
     return SafetyTokens(
         ids=chosen,
         strings=[tok.decode([v]) for v in chosen],
         scores=[float(score[v]) for v in chosen],
         p_base=[float(mean_pb[v]) for v in chosen],
         p_steered=[float(mean_ps[v]) for v in chosen],
-        method=method,
+        method=s.method,
         student_mass=float(mean_pb[ids].sum()),
         steered_mass=float(mean_ps[ids].sum()),
-        meta=dict(
-            **settings,
-            n_prompts=n_prompts,
-            n_valid_positions=n_valid,
-            **(
-                {"n_harmful_prompts": n_harmful_prompts, "contrast_weight": contrast_weight}
-                if method == "contrast"
-                else {}
-            ),
-        ),
+        meta=meta,
     )
 
 
@@ -316,53 +361,30 @@ def select_safety_tokens(
     tok,
     teacher: Teacher,
     instructions: Sequence[str],
-    method: str = "kl",
-    k: int = 50,
-    samples_per_prompt: int = 8,
-    horizon: int = 7,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    vote_top: int = 200,
-    min_steered_prob: float = 1e-6,
-    min_student_mass: float = 1e-3,
-    batch_size: int = 4,
-    progress=None,
+    selection: TokenSelection,
     harmful: Sequence[str] = (),
-    contrast_weight: float = 1.0,
+    progress=None,
 ) -> SafetyTokens:
-    """Select the global safety-token set (see the module docstring): :func:`accumulate`, then
-    :func:`rank_tokens`, then :func:`package_tokens`. ``batch_size`` counts prompts.
-    ``harmful`` (prompts) and ``contrast_weight`` are used by ``method="contrast"``."""
-    if method not in TOKEN_METHODS:
-        raise SafeSteerError(f"tokens.method={method}: choose one of {', '.join(TOKEN_METHODS)}")
-    if horizon < 1 or k < 1 or samples_per_prompt < 1:
-        raise SafeSteerError("tokens.horizon, tokens.k and tokens.samples_per_prompt must be >= 1")
-    if method == "contrast" and not harmful:
+    """Select the global safety-token set (see the module docstring) on the harmless prompts
+    ``instructions``: :func:`accumulate`, then :func:`rank_tokens`, then :func:`package_tokens`.
+    ``harmful`` (prompts) is used by ``method="contrast"``; ``progress`` advances by one per prompt."""
+    s = selection
+    if s.method == "contrast" and not harmful:
         raise SafeSteerError("tokens.method=contrast needs harmful prompts (tokens.harmful)")
-    sampling = dict(
-        samples_per_prompt=samples_per_prompt, horizon=horizon, temperature=temperature, top_p=top_p
-    )
-    kw = dict(batch_size=batch_size, progress=progress, **sampling)
-    acc = accumulate(model, tok, teacher, instructions, keep_deltas=method == "vote", **kw)
-    if acc["n"] == 0:
+    stats = accumulate(model, tok, teacher, instructions, s, s.method == "vote", progress)
+    if stats.n == 0:
         raise SafeSteerError("safety-token selection found no valid positions (every sample ended at once)")
-    harmful_acc = None
-    if method == "contrast":
-        harmful_acc = accumulate(model, tok, teacher, harmful, **kw)
-        if harmful_acc["n"] == 0:
+    harmful_stats = None
+    if s.method == "contrast":
+        harmful_stats = accumulate(model, tok, teacher, harmful, s, progress=progress)
+        if harmful_stats.n == 0:
             raise SafeSteerError("safety-token selection found no valid position on the harmful prompts")
-    banned = banned_ids(tok, acc["ps"].shape[0])
-    chosen, score = rank_tokens(
-        method, acc, banned, k, vote_top, min_steered_prob, harmful_acc, contrast_weight
-    )
-    settings = dict(k=k, **sampling, vote_top=vote_top, min_steered_prob=min_steered_prob)
-    st = package_tokens(
-        tok, method, chosen, score, acc, settings, len(instructions), len(harmful), contrast_weight
-    )
-    if st.student_mass < min_student_mass:
+    chosen, score = rank_tokens(stats, banned_ids(tok, stats.ps.shape[0]), s, harmful_stats)
+    st = package_tokens(tok, chosen, score, stats, s, len(instructions), len(harmful))
+    if st.student_mass < s.min_student_mass:
         raise SafeSteerError(
-            f"the {method} safety-token set carries only {st.student_mass:.2e} of the student's probability mass "
-            f"(< tokens.min_student_mass={min_student_mass:g}): the localized loss would be ~0 and nothing would "
+            f"the {s.method} safety-token set carries only {st.student_mass:.2e} of the student's probability mass "
+            f"(< tokens.min_student_mass={s.min_student_mass:g}): the localized loss would be ~0 and nothing would "
             f"train; use tokens.method=kl or set tokens.min_student_mass=0 to proceed anyway"
         )
     return st

@@ -22,6 +22,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from safesteer.cluster import ClusterConfig
+from safesteer.compare import CompareConfig
 from safesteer.data import DataConfig
 from safesteer.driver import TrainerConfig
 from safesteer.errors import SafeSteerError
@@ -55,6 +56,7 @@ class Config:
     eval: EvalConfig = group(EvalConfig)
     cluster: ClusterConfig = group(ClusterConfig)
     logger: LoggerConfig = group(LoggerConfig)
+    compare: CompareConfig = group(CompareConfig)
     seed: int = option()
     tag: str | None = option()
     stages: list[str] = option(default=[])

@@ -1,0 +1,357 @@
+"""The training baselines of the comparison: supervised fine-tuning on refusals and DPO, through TRL.
+
+Both learn from the same greedy answers, generated once (:func:`paired_answers`): those of the steered
+teacher (``teacher.kind``, ``teacher.coeff``, ``teacher.positions``; the vector steers every prompt,
+as with ``teacher.gate=label``) and those of the original model, to the prompts a SafeSteer run trains
+on (``data.train``, then the anchors ``data.anchor`` when ``trainer.anchors_per_step`` > 0).
+
+- **SFT on refusals** (TRL's ``SFTTrainer``, loss on the completion only): a harmful prompt's target
+  is the teacher's refusal, an anchor's the original model's own answer (self-distillation, which
+  holds the model to its behaviour on harmless requests as SafeSteer's anchors do).
+- **DPO** (TRL's ``DPOTrainer``, sigmoid loss, reference = the original model): on a harmful prompt
+  the refusal is chosen over the original answer; on an anchor the original answer over the refusal.
+
+Unlike SafeSteer, both train off-policy on fixed answer texts, every answer token alike (no localized
+loss, no teacher distribution). Each writes an HF model directory (:func:`train_sft`, :func:`train_dpo`).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from safesteer.core import steering as S
+from safesteer.core.generation import batches, generate
+from safesteer.data.training import chat_prompts
+from safesteer.errors import SafeSteerError
+from safesteer.models import default_device, load_hf, use_bf16
+from safesteer.paths import atomic_dir, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+ANSWER_KEYS = ("prompt", "harmful", "refusal", "original")
+
+
+# ----------------------------------------------------------------------------------------- answers
+@dataclass
+class PairedAnswers:
+    """Greedy answers of the original model and of the steered teacher to the run's prompts."""
+
+    prompts: list[str]  # the harmful training prompts (data.train), then the anchor prompts (data.anchor)
+    harmful: list[bool]  # True for a training prompt
+    refusal: list[str]  # the steered teacher's greedy answer
+    original: list[str]  # the original model's greedy answer
+
+    def __post_init__(self):
+        n = len(self.prompts)
+        if not len(self.harmful) == len(self.refusal) == len(self.original) == n:
+            raise SafeSteerError(
+                f"paired answers: {n} prompts but {len(self.harmful)} labels, {len(self.refusal)} refusals "
+                f"and {len(self.original)} original answers"
+            )
+
+
+def run_prompts(cfg, tok) -> tuple[list[str], list[bool]]:
+    """The instructions a SafeSteer run trains on, as :meth:`TrainingData.build` reads them: the
+    training prompts, then the anchors (too-long ones skipped); and which are training prompts."""
+    max_tokens = cfg.model.max_prompt_tokens
+    train, _, _ = chat_prompts(tok, cfg.data.train, max_tokens, cfg.data.train_limit)
+    if not train:
+        raise SafeSteerError(f"data.train={cfg.data.train}: no usable harmful prompt for the baselines")
+    anchors = []
+    if cfg.data.anchor and cfg.trainer.anchors_per_step:
+        anchors, _, _ = chat_prompts(tok, cfg.data.anchor, max_tokens, what="anchor")
+        if not anchors:
+            raise SafeSteerError(f"data.anchor={cfg.data.anchor}: no usable prompt")
+    prompts = [p.instruction for p in train + anchors]
+    return prompts, [True] * len(train) + [False] * len(anchors)
+
+
+def paired_answers(cfg, model_path: str, vector_path: Path | None, max_new_tokens: int) -> PairedAnswers:
+    """The steered teacher's and the original model's greedy answers (at most ``max_new_tokens``
+    tokens; float32) to every prompt of the run (:func:`run_prompts`). The teacher answers the anchors
+    steered too: the over-refusals DPO learns to avoid there."""
+    trc, kwargs = cfg.model.trust_remote_code, cfg.model.chat_template_kwargs
+    model, tok = load_hf(model_path, "float32", trc, kwargs)
+    model.to(default_device())
+    prompts, harmful = run_prompts(cfg, tok)
+    sv = None
+    if vector_path is not None:
+        sv = S.load_vector(
+            vector_path, model.config.get_text_config().hidden_size, len(S.decoder_layers(model))
+        )
+    extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
+    teacher = S.Teacher(
+        kind=cfg.teacher.kind, vector=sv, coeff=cfg.teacher.coeff, positions=cfg.teacher.positions, **extra
+    )
+    size = int(cfg.teacher.batch_size)
+    plain = teacher.prompt_texts(tok, prompts, steer=False)  # no system prompt: the original model's
+    steered = teacher.prompt_texts(tok, prompts)
+    original: list[list[int]] = []
+    refusal: list[list[int]] = []
+    with tqdm(total=2 * len(prompts), desc=f"paired answers ({max_new_tokens} tokens)") as bar:
+        for chunk in batches(plain, size):
+            original += generate(model, tok, chunk, max_new_tokens, batch_size=size)
+            bar.update(len(chunk))
+        for chunk in batches(steered, size):
+            with teacher.apply(model):
+                refusal += generate(model, tok, chunk, max_new_tokens, batch_size=size)
+            bar.update(len(chunk))
+    del model
+
+    def texts(ids: list[list[int]]) -> list[str]:
+        return [tok.decode(x, skip_special_tokens=True) for x in ids]
+
+    return PairedAnswers(prompts, harmful, texts(refusal), texts(original))
+
+
+def save_answers(path: Path, answers: PairedAnswers) -> None:
+    """One JSON object per prompt (``prompt``, ``harmful``, ``refusal``, ``original``), atomically."""
+    rows = zip(answers.prompts, answers.harmful, answers.refusal, answers.original)
+    lines = [json.dumps(dict(zip(ANSWER_KEYS, row)), ensure_ascii=False) for row in rows]
+    atomic_write_text(Path(path), "".join(line + "\n" for line in lines))
+
+
+def load_answers(path: Path) -> PairedAnswers:
+    """What :func:`save_answers` wrote; a malformed line is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SafeSteerError(f"{path}: paired answers not found")
+    cols: dict[str, list] = {k: [] for k in ANSWER_KEYS}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            values = [row[k] for k in ANSWER_KEYS]
+        except (ValueError, KeyError, TypeError) as e:
+            raise SafeSteerError(f"{path}:{n}: not a paired-answer row ({e})") from e
+        prompt, harmful, refusal, original = values
+        if not (all(isinstance(v, str) for v in (prompt, refusal, original)) and isinstance(harmful, bool)):
+            raise SafeSteerError(
+                f"{path}:{n}: expected strings and a boolean 'harmful' in a paired-answer row"
+            )
+        for k, v in zip(ANSWER_KEYS, values):
+            cols[k].append(v)
+    return PairedAnswers(cols["prompt"], cols["harmful"], cols["refusal"], cols["original"])
+
+
+# ---------------------------------------------------------------------------------------- datasets
+def _turns(prompt: str, **answers: str) -> dict:
+    """A conversational TRL example: the user's turn, and each answer as an assistant turn."""
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        **{k: [{"role": "assistant", "content": v}] for k, v in answers.items()},
+    }
+
+
+def _check_harmful(kept: Sequence[bool], a: PairedAnswers, method: str, rule: str) -> None:
+    """Fail when no harmful prompt made an example (``kept``: the kept examples' ``harmful``); say how
+    many prompts were left out."""
+    n = sum(a.harmful)
+    if n == 0:
+        raise SafeSteerError(
+            f"{method} baseline: no harmful prompt among the {len(a.prompts)} paired answers"
+        )
+    if not any(kept):
+        raise SafeSteerError(f"{method} baseline: none of the {n} harmful prompts has {rule}")
+    if len(kept) < len(a.prompts):
+        log.warning("%s baseline: %d of %d prompts left out (an example needs %s)", method,
+                    len(a.prompts) - len(kept), len(a.prompts), rule)  # fmt: skip
+
+
+def sft_examples(a: PairedAnswers) -> list[dict]:
+    """Conversational prompt/completion examples: a harmful prompt's completion is the teacher's
+    refusal, an anchor's the original model's own answer.
+
+    Answers are stripped of surrounding whitespace (the template ends the turn after them; a leading
+    newline would merge with the template's and move the prompt/completion boundary TRL finds), and
+    empty ones are left out."""
+    out, kept = [], []
+    for p, h, r, o in zip(a.prompts, a.harmful, a.refusal, a.original):
+        target = (r if h else o).strip()
+        if target:
+            out.append(_turns(p, completion=target))
+            kept.append(h)
+    _check_harmful(kept, a, "SFT", "a non-empty target answer")
+    return out
+
+
+def dpo_examples(a: PairedAnswers) -> list[dict]:
+    """Conversational prompt/chosen/rejected examples: on a harmful prompt the refusal is chosen over
+    the original answer; on an anchor the original answer over the refusal. Answers are stripped as
+    in :func:`sft_examples`; pairs with an empty chosen answer, or two equal answers (no preference),
+    are left out."""
+    out, kept = [], []
+    for p, h, r, o in zip(a.prompts, a.harmful, a.refusal, a.original):
+        chosen, rejected = (r.strip(), o.strip()) if h else (o.strip(), r.strip())
+        if chosen and chosen != rejected:
+            out.append(_turns(p, chosen=chosen, rejected=rejected))
+            kept.append(h)
+    _check_harmful(kept, a, "DPO", "a non-empty chosen answer that differs from the rejected one")
+    return out
+
+
+# ---------------------------------------------------------------------------------------- training
+@dataclass
+class Trained:
+    model_dir: Path
+    wall_seconds: float  # loading, tokenizing, training and saving (not the answers' generation)
+    trained_tokens: int  # completion tokens trained on (summed over epochs)
+
+
+def _with_template_kwargs(cfg, examples: list[dict]) -> list[dict]:
+    """``model.chat_template_kwargs`` on every example: TRL 1.16's SFT and DPO trainers pass an
+    example's ``chat_template_kwargs`` to ``apply_chat_template`` (their configs have no such option)."""
+    kw = dict(cfg.model.chat_template_kwargs or {})
+    return [{**e, "chat_template_kwargs": kw} for e in examples] if kw else list(examples)
+
+
+def _check_settings(lr: float, epochs: int) -> None:
+    if epochs < 1:
+        raise SafeSteerError(f"epochs={epochs}: the baselines train at least one epoch")
+    if not lr > 0:
+        raise SafeSteerError(f"lr={lr}: the learning rate must be positive")
+
+
+def training_args(cfg, n_examples: int, lr: float, epochs: int, output_dir: str) -> dict:
+    """The ``TrainingArguments`` both baselines get: the learner's optimizer settings, and per optimizer
+    step about the examples a SafeSteer step trains on (``trainer.prompts_per_step`` +
+    ``trainer.anchors_per_step``), in micro-batches of the largest divisor of that number up to
+    ``learner.micro_batch_size`` (a DPO example is two sequences, chosen and rejected)."""
+    _check_settings(lr, epochs)
+    ln, tr = cfg.learner, cfg.trainer
+    per_step = max(1, min(n_examples, tr.prompts_per_step + (tr.anchors_per_step if cfg.data.anchor else 0)))
+    micro = next(d for d in range(min(per_step, ln.micro_batch_size), 0, -1) if per_step % d == 0)
+    device = default_device()
+    return dict(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=per_step // micro,
+        learning_rate=float(lr),
+        optim="adamw_torch",
+        adam_beta1=float(ln.betas[0]),
+        adam_beta2=float(ln.betas[1]),
+        weight_decay=float(ln.weight_decay),
+        max_grad_norm=float(ln.grad_clip),
+        lr_scheduler_type="cosine",
+        warmup_steps=float(ln.warmup_ratio),  # transformers 5: a float in [0, 1) is a ratio of the steps
+        bf16=use_bf16(ln.bf16, device),  # TRL's configs default to bf16=True
+        gradient_checkpointing=False,  # TRL's configs default to True
+        use_cpu=not device.startswith("cuda"),
+        seed=int(cfg.seed),
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        max_length=None,  # no truncation: a prompt is at most model.max_prompt_tokens, an answer is bounded
+    )
+
+
+def _save(trainer, tok, out: Path) -> Path:
+    """The trained weights (safetensors: transformers 5 writes no other format), the generation config
+    and the tokenizer with its chat template, in ``out`` atomically."""
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return out
+
+
+def _train(trainer, what: str) -> None:
+    """Train; a non-finite mean loss is an error (nothing is saved)."""
+    result = trainer.train()
+    log.info("%s baseline: %d optimizer steps, mean training loss %.4f", what, result.global_step,
+             result.training_loss)  # fmt: skip
+    if not math.isfinite(result.training_loss):
+        raise SafeSteerError(f"{what} baseline: the training loss is not finite; lower the learning rate")
+
+
+def train_sft(cfg, model_path: str, examples: list[dict], lr: float, epochs: int, out: Path) -> Trained:
+    """Supervised fine-tuning on :func:`sft_examples` with TRL's ``SFTTrainer`` (loss on the
+    completion only), written to ``out``."""
+    # optional: the comparison's baselines only
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    if not examples:
+        raise SafeSteerError("SFT baseline: no training example")
+    _check_settings(lr, epochs)
+    t0 = time.perf_counter()
+    torch.manual_seed(int(cfg.seed))
+    model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
+    with tempfile.TemporaryDirectory(prefix="safesteer-sft-") as tmp:
+        args = SFTConfig(
+            completion_only_loss=True,
+            packing=False,
+            **training_args(cfg, len(examples), lr, epochs, tmp),
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(_with_template_kwargs(cfg, examples)),
+            processing_class=tok,
+        )
+        tokens = sum(sum(x != -100 for x in row) for row in trainer.train_dataset["labels"])
+        _train(trainer, "SFT")
+        model_dir = _save(trainer, tok, out)
+    del trainer, model
+    gc.collect()  # a comparison trains several baselines in one process
+    return Trained(model_dir, time.perf_counter() - t0, int(tokens) * epochs)
+
+
+def train_dpo(
+    cfg, model_path: str, examples: list[dict], beta: float, lr: float, epochs: int, out: Path
+) -> Trained:
+    """DPO on :func:`dpo_examples` with TRL's ``DPOTrainer`` (sigmoid loss, ``beta``), against a frozen
+    reference: a second copy of the original model loaded from ``model_path`` (what TRL would load
+    itself from the policy's path, here with the same dtype and ``trust_remote_code``), written to ``out``."""
+    # optional: the comparison's baselines only
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    if not examples:
+        raise SafeSteerError("DPO baseline: no preference pair")
+    if not beta > 0:
+        raise SafeSteerError(f"beta={beta}: DPO's beta must be positive")
+    _check_settings(lr, epochs)
+    t0 = time.perf_counter()
+    torch.manual_seed(int(cfg.seed))
+    model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
+    ref = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+    ).eval()
+    with tempfile.TemporaryDirectory(prefix="safesteer-dpo-") as tmp:
+        args = DPOConfig(
+            loss_type=["sigmoid"],  # a list in TRL 1.16 (several losses can be mixed)
+            beta=float(beta),
+            **training_args(cfg, len(examples), lr, epochs, tmp),
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=args,
+            train_dataset=Dataset.from_list(_with_template_kwargs(cfg, examples)),
+            processing_class=tok,
+        )
+        ds = trainer.train_dataset
+        tokens = sum(len(c) + len(r) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"]))
+        _train(trainer, "DPO")
+        model_dir = _save(trainer, tok, out)
+    del trainer, model, ref
+    gc.collect()  # a comparison trains several baselines in one process
+    return Trained(model_dir, time.perf_counter() - t0, int(tokens) * epochs)

@@ -1,0 +1,310 @@
+"""``python -m safesteer.compare``: SafeSteer against what a user would try instead, on one frontier.
+
+Every method starts from the same student, the same harmful training prompts (and, where the run uses
+them, the same harmless anchors) and the same steered teacher, built once by the prepare stage:
+
+- ``safesteer``: the run itself (``python -m safesteer.run``), swept over run overrides (e.g.
+  ``trainer.max_steps``); ``full_vocab`` is the same with ``learner.loss=full`` (the exact reverse KL
+  over the whole vocabulary instead of the safety tokens).
+- ``sft``: supervised fine-tuning on the teacher's own greedy refusals (anchors: the original model's
+  own answers), TRL's ``SFTTrainer``; swept over ``lr`` x ``epochs``.
+- ``dpo``: chosen = the teacher's refusal, rejected = the original model's answer (anchors: the
+  reverse), TRL's ``DPOTrainer`` with the original model as reference; swept over ``beta``.
+
+Each sweep point is validated on the validation prompts of ``trainer.select`` (the selectivity the
+run's model selection uses) and evaluated on the held-out evaluation sets; each method's point is
+**chosen on validation only**. Results are reused when a point's directory already holds them (its
+name carries a hash of everything that defines it), so an interrupted comparison resumes. Written:
+``compare.json``, ``compare.md`` (the table of the chosen points) and ``frontier.png`` (harmful
+refusal against over-refusal, MMLU as colour, one curve per method over its sweep).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import itertools
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+from safesteer import baselines
+from safesteer.errors import SafeSteerError
+from safesteer.models import compute_dtype, default_device, load_tokenizer, resolve_model_path
+from safesteer.paths import atomic_write_json, atomic_write_text
+from safesteer.prepare import prepare
+from safesteer.report import percent
+from safesteer.rollout import RolloutWorker
+from safesteer.schema import option, require, typed
+from safesteer.selection import Selector
+
+log = logging.getLogger(__name__)
+
+METHODS = ("safesteer", "full_vocab", "sft", "dpo")
+KNOBS = {"sft": ("lr", "epochs"), "dpo": ("beta", "lr", "epochs")}  # the run methods take run overrides
+
+
+@dataclass
+class CompareConfig:
+    """``compare``: which methods ``python -m safesteer.compare`` runs, and each one's sweep (conf/compare)."""
+
+    methods: list[str] = option(default=[])
+    sweeps: Any = option()  # method -> {knob or run override: [values]}; the points are the product
+    answer_tokens: int = option(ge=1)  # length of the teacher's and the original's answers (SFT, DPO data)
+
+    @staticmethod
+    def rules(cfg) -> None:
+        c = cfg.compare
+        for m in c.methods:
+            require(m in METHODS, "compare.methods", list(c.methods), f"choose from {', '.join(METHODS)}")
+            sweep = c.sweeps.get(m) if c.sweeps else None
+            require(
+                sweep is not None and len(sweep) > 0, f"compare.sweeps.{m}", sweep, "needs at least one knob"
+            )
+            for knob, values in sweep.items():
+                require(
+                    OmegaConf.is_list(values) and len(values) > 0, f"compare.sweeps.{m}.{knob}", values,
+                    "needs a non-empty list of values",
+                )  # fmt: skip
+                if m in KNOBS:
+                    require(
+                        knob in KNOBS[m], f"compare.sweeps.{m}", knob, f"knobs of {m}: {', '.join(KNOBS[m])}"
+                    )
+
+
+@dataclass
+class Point:
+    """One setting of one method."""
+
+    method: str
+    knobs: dict  # knob or run override -> value
+    directory: Path
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.knobs.items())
+
+
+def points(cfg, out: Path, base: list[str]) -> list[Point]:
+    """Every method's sweep points, each with a directory named after a hash of what defines it."""
+    found = []
+    for m in cfg.compare.methods:
+        sweep = OmegaConf.to_container(cfg.compare.sweeps[m])
+        for values in itertools.product(*sweep.values()):
+            knobs = dict(zip(sweep, values))
+            key = json.dumps({"method": m, "knobs": knobs, "base": base, "seed": cfg.seed}, sort_keys=True)
+            digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+            found.append(Point(m, knobs, out / m / digest))
+    return found
+
+
+def base_overrides() -> list[str]:
+    """The command line's overrides a method's own run inherits (not the comparison's or Hydra's)."""
+    task = HydraConfig.get().overrides.task
+    return [o for o in task if not o.lstrip("+~").startswith(("compare.", "hydra.", "stages="))]
+
+
+def subcommand(module: str, overrides: list[str], run_dir: Path) -> dict:
+    """``python -m <module>`` with ``overrides`` into ``run_dir``; returns its metrics.json."""
+    cmd = [sys.executable, "-m", module, *overrides, f"hydra.run.dir={run_dir}"]
+    log.info("running: %s", " ".join(cmd))
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        tail = done.stdout.strip().splitlines()[-1:] or ["(no output)"]
+        raise SafeSteerError(f"{module} failed in {run_dir} (exit {done.returncode}): {tail[0]}")
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def run_safesteer(p: Point, base: list[str], teacher: list[str]) -> dict:
+    """The SafeSteer run at this point (``full_vocab``: with the full-vocabulary loss)."""
+    extra = ["learner.loss=full"] if p.method == "full_vocab" else []
+    knobs = [f"{k}={v}" for k, v in p.knobs.items()]
+    m = subcommand("safesteer.run", [*base, *teacher, *extra, *knobs, "stages=[distill,evaluate,export]"],
+                   p.directory / "run")  # fmt: skip
+    trained = sum(r["completion_tokens"] for r in m["history"] if not r["skipped"])
+    return {
+        "validation": m["validation"],
+        "eval": m["after"],
+        "original": m["before"],
+        "groups": m["groups"],
+        "train_seconds": m["timings"]["distill"],
+        "trained_tokens": trained,
+    }
+
+
+def validate(cfg, model_dir: str) -> dict:
+    """The selectivity of a trained model on the validation prompts (``trainer.select``)."""
+    path = resolve_model_path(cfg.model.path)
+    tok = load_tokenizer(path, cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
+    device = default_device()
+    dtype = compute_dtype(cfg.model.dtype, device)
+    engine = RolloutWorker(
+        model_dir, typed(cfg.rollout), dtype, cfg.seed, device, cfg.model.trust_remote_code
+    )
+    try:
+        return Selector.build(cfg, tok, Path(model_dir)).score(engine.greedy)
+    finally:
+        del engine
+        gc.collect()
+
+
+def run_baseline(cfg, p: Point, base: list[str], answers: baselines.PairedAnswers) -> dict:
+    """Train the baseline at this point, then validate and evaluate the trained model."""
+    model_path = resolve_model_path(cfg.model.path)
+    k = p.knobs
+    if p.method == "sft":
+        trained = baselines.train_sft(cfg, model_path, baselines.sft_examples(answers), float(k["lr"]),
+                                      int(k["epochs"]), p.directory / "model")  # fmt: skip
+    else:
+        trained = baselines.train_dpo(cfg, model_path, baselines.dpo_examples(answers), float(k["beta"]),
+                                      float(k["lr"]), int(k["epochs"]), p.directory / "model")  # fmt: skip
+    validation = validate(cfg, str(trained.model_dir))
+    m = subcommand("safesteer.evaluate", [*base, f"eval.model={trained.model_dir}"], p.directory / "eval")
+    return {
+        "validation": validation,
+        "eval": m["after"],
+        "original": m["before"],
+        "groups": m["groups"],
+        "train_seconds": trained.wall_seconds,
+        "trained_tokens": trained.trained_tokens,
+    }
+
+
+def run_point(cfg, p: Point, base: list[str], teacher: list[str], answers) -> dict:
+    """A point's result: reused when its directory already holds one, else computed and stored."""
+    done = p.directory / "result.json"
+    if done.is_file():
+        log.info("%s (%s): reusing %s", p.method, p.label, done)
+        return json.loads(done.read_text())
+    p.directory.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    if p.method in KNOBS:
+        result = run_baseline(cfg, p, base, answers())
+    else:
+        result = run_safesteer(p, base, teacher)
+    result.update(method=p.method, knobs=p.knobs, wall_seconds=time.perf_counter() - t)
+    atomic_write_json(done, result)
+    return result
+
+
+def chosen(results: list[dict]) -> dict[str, dict]:
+    """Each method's point with the best validation selectivity (never an evaluation set)."""
+    best: dict[str, dict] = {}
+    for r in results:
+        if (
+            r["method"] not in best
+            or r["validation"]["selectivity"] > best[r["method"]]["validation"]["selectivity"]
+        ):
+            best[r["method"]] = r
+    return best
+
+
+def table(best: dict[str, dict]) -> list[str]:
+    """The chosen points on the held-out evaluation sets, the original model first (markdown)."""
+    any_result = next(iter(best.values()))
+    groups = any_result["groups"]
+    sets = list(groups)
+    head = ["method", "setting", *[f"{s} ({groups[s]})" for s in sets], "harmful mean", "benign mean",
+            "edgy mean", "degenerate", "MMLU", "KL", "ppl", "train s", "trained tokens"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def row(name: str, setting: str, e: dict, r: dict | None) -> str:
+        cells = [name, setting, *[percent(e["sets"][s]["refusal"]) for s in sets]]
+        cells += [percent(e["harmful_refusal_mean"]), percent(e["benign_refusal_mean"]),
+                  percent(e["edgy_refusal_mean"]), percent(e["degenerate_benign"]), percent(e["mmlu"]),
+                  f"{e['kl_per_token']:.4f}" if "kl_per_token" in e else "0",
+                  f"{e['ppl_trained']:.3g}" if "ppl_trained" in e else "",
+                  f"{r['train_seconds']:.0f}" if r else "", str(r["trained_tokens"]) if r else ""]  # fmt: skip
+        return "| " + " | ".join(cells) + " |"
+
+    lines.append(row("original", "", any_result["original"], None))
+    lines += [
+        row(m, ", ".join(f"{k}={v}" for k, v in r["knobs"].items()), r["eval"], r) for m, r in best.items()
+    ]
+    return lines
+
+
+def frontier(results: list[dict], best: dict[str, dict], path: Path) -> None:
+    """Harmful refusal against over-refusal on the evaluation sets, MMLU as colour, one curve per method."""
+    import matplotlib  # optional: figures only
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # optional: figures only
+    import matplotlib.ticker  # optional: figures only
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    mmlu = [r["eval"]["mmlu"] for r in results]
+    lo, hi = min(mmlu), max(mmlu) + 1e-9
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in results)):
+        rs = sorted((r for r in results if r["method"] == m), key=lambda r: r["eval"]["benign_refusal_mean"])
+        xs = [r["eval"]["benign_refusal_mean"] for r in rs]
+        ys = [r["eval"]["harmful_refusal_mean"] for r in rs]
+        ax.plot(xs, ys, "-", color=f"C{i}", label=m, alpha=0.6)
+        sc = ax.scatter(xs, ys, c=[r["eval"]["mmlu"] for r in rs], cmap="viridis", vmin=lo, vmax=hi, zorder=3)
+        b = best[m]["eval"]
+        ax.scatter([b["benign_refusal_mean"]], [b["harmful_refusal_mean"]], s=160, facecolors="none",
+                   edgecolors=f"C{i}", linewidths=2, zorder=4)  # fmt: skip
+    o = results[0]["original"]
+    ax.scatter(
+        [o["benign_refusal_mean"]], [o["harmful_refusal_mean"]], marker="x", color="k", label="original"
+    )
+    fig.colorbar(sc, ax=ax, label="MMLU cloze accuracy")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_xlabel("over-refusal: mean refusal on benign sets")
+    ax.set_ylabel("mean refusal on harmful sets")
+    ax.set_title("circled: each method's point chosen on validation")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.rename(path)
+
+
+def command(cfg) -> None:
+    """``python -m safesteer.compare``."""
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if not cfg.compare.methods:
+        raise SafeSteerError("compare.methods: empty; name at least one of " + ", ".join(METHODS))
+    model_path = resolve_model_path(cfg.model.path)
+    prepared = prepare(cfg, out / "prepare", model_path)  # one teacher for every method
+    teacher = [f"tokens.path={prepared.tokens_path}"]
+    if prepared.vector_path is not None:
+        teacher.append(f"steering.vector={prepared.vector_path}")
+    base = base_overrides()
+    answers_file = out / "paired_answers.jsonl"
+
+    def answers() -> baselines.PairedAnswers:  # the SFT and DPO data, generated once
+        if not answers_file.is_file():
+            a = baselines.paired_answers(cfg, model_path, prepared.vector_path, cfg.compare.answer_tokens)
+            baselines.save_answers(answers_file, a)
+        return baselines.load_answers(answers_file)
+
+    results = [run_point(cfg, p, base, teacher, answers) for p in points(cfg, out, base)]
+    best = chosen(results)
+    atomic_write_json(
+        out / "compare.json", {"points": results, "chosen": {m: r["knobs"] for m, r in best.items()}}
+    )
+    lines = ["# Comparison", "", "Each method's setting chosen on validation prompts; held-out evaluation sets.",
+             "", *table(best), ""]  # fmt: skip
+    atomic_write_text(out / "compare.md", "\n".join(lines))
+    frontier(results, best, out / "frontier.png")
+    print("\n".join(table(best)))
+    print(f"comparison: {out / 'compare.md'}")
+
+
+if __name__ == "__main__":
+    from safesteer.cli import hydra_entry  # here: safesteer.config imports this module for its config
+
+    hydra_entry(command)

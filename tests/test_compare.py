@@ -1,0 +1,85 @@
+"""``python -m safesteer.compare`` end to end on the tiny model: real SafeSteer runs (Ray, vLLM,
+DeepSpeed), real TRL SFT and DPO trainers, real evaluation engines; then a second invocation that
+reuses every finished point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from safesteer.config import compose
+from safesteer.errors import SafeSteerError
+
+METHODS = ["safesteer", "full_vocab", "sft", "dpo"]
+
+
+def compare(run_dir, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "safesteer.compare",
+        "+experiment=smoke",
+        f"hydra.run.dir={run_dir}",
+        f"compare.methods=[{','.join(METHODS)}]",
+        "compare.sweeps.safesteer={teacher.coeff:[0.5,1.0]}",  # a dict override merges: every knob given
+        "compare.sweeps.full_vocab={teacher.coeff:[1.0]}",
+        "compare.sweeps.sft.lr=[1e-4]",
+        "compare.sweeps.sft.epochs=[1]",
+        "compare.sweeps.dpo={beta:[0.1,0.5],lr:[1e-4],epochs:[1]}",
+        *extra,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("compare.methods=[nope]", "compare.methods=['nope']: choose from safesteer, full_vocab, sft, dpo"),
+        ("+compare.sweeps.sft.bogus=[1]", "compare.sweeps.sft=bogus: knobs of sft: lr, epochs"),
+        ("compare.sweeps.dpo.beta=[]", "compare.sweeps.dpo.beta=[]: needs a non-empty list of values"),
+    ],
+)
+def test_a_bad_comparison_setting_is_one_line(override: str, message: str) -> None:
+    with pytest.raises(SafeSteerError) as e:
+        compose(["+experiment=smoke", override])
+    assert str(e.value) == message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_every_method_gets_a_row_and_a_finished_comparison_is_reused(tmp_path) -> None:
+    run_dir = tmp_path / "cmp"
+    p = compare(run_dir)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    result = json.loads((run_dir / "compare.json").read_text())
+    by_method = {m: [r for r in result["points"] if r["method"] == m] for m in METHODS}
+    assert {m: len(rs) for m, rs in by_method.items()} == {
+        "safesteer": 2,
+        "full_vocab": 1,
+        "sft": 1,
+        "dpo": 2,
+    }
+    for r in result["points"]:
+        for group in ("harmful_refusal_mean", "benign_refusal_mean", "edgy_refusal_mean", "mmlu"):
+            assert r["eval"][group] is not None, (r["method"], group)
+        assert 0 <= r["validation"]["selectivity"] + 2 <= 3 and r["trained_tokens"] > 0, r
+        assert r["train_seconds"] > 0
+    # each method's chosen point is its best on validation, whatever the evaluation says
+    for m, rs in by_method.items():
+        best = max(rs, key=lambda r: r["validation"]["selectivity"])
+        assert result["chosen"][m] == best["knobs"]
+    table = (run_dir / "compare.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [r.split("|")[1].strip() for r in rows] == ["original", *METHODS]
+    assert all("–" not in r.split("|")[3] for r in rows)  # every row's first set is filled
+    assert (run_dir / "frontier.png").stat().st_size > 10_000
+    assert (run_dir / "paired_answers.jsonl").is_file()
+
+    again = compare(run_dir)  # nothing to recompute: every point is reused
+    assert again.returncode == 0, again.stderr[-3000:]
+    logs = again.stdout + again.stderr
+    assert logs.count("): reusing") == 6 and "running:" not in logs, logs[-3000:]
+    assert json.loads((run_dir / "compare.json").read_text())["chosen"] == result["chosen"]

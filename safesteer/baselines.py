@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM
 
 from safesteer.core import steering as S
 from safesteer.core.generation import batches, generate
-from safesteer.data.training import chat_prompts
+from safesteer.data.training import TrainingData
 from safesteer.errors import SafeSteerError
 from safesteer.models import default_device, load_hf, use_bf16
 from safesteer.paths import atomic_dir, atomic_write_text
@@ -63,19 +63,10 @@ class PairedAnswers:
 
 
 def run_prompts(cfg, tok) -> tuple[list[str], list[bool]]:
-    """The instructions a SafeSteer run trains on, as :meth:`TrainingData.build` reads them: the
-    training prompts, then the anchors (too-long ones skipped); and which are training prompts."""
-    max_tokens = cfg.model.max_prompt_tokens
-    train, _, _ = chat_prompts(tok, cfg.data.train, max_tokens, cfg.data.train_limit)
-    if not train:
-        raise SafeSteerError(f"data.train={cfg.data.train}: no usable harmful prompt for the baselines")
-    anchors = []
-    if cfg.data.anchor and cfg.trainer.anchors_per_step:
-        anchors, _, _ = chat_prompts(tok, cfg.data.anchor, max_tokens, what="anchor")
-        if not anchors:
-            raise SafeSteerError(f"data.anchor={cfg.data.anchor}: no usable prompt")
-    prompts = [p.instruction for p in train + anchors]
-    return prompts, [True] * len(train) + [False] * len(anchors)
+    """The instructions a SafeSteer run trains on (:meth:`TrainingData.build`: the training prompts,
+    then the anchors, too-long ones skipped) and which of them are training prompts."""
+    data = TrainingData.build(cfg, tok)
+    return data.instructions, [i < data.n_train for i in range(len(data.instructions))]
 
 
 def paired_answers(cfg, model_path: str, vector_path: Path | None, max_new_tokens: int) -> PairedAnswers:

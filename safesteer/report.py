@@ -393,18 +393,33 @@ def html_page(results: dict, tokens, figs: dict[str, Path]) -> str:
         for n, rows_ in (results.get("examples") or {}).items()
         for p, b, a in rows_
     )
-    style = (
-        "body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}"
-        "table{border-collapse:collapse;margin:1em 0}img{max-width:100%}"
-    )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>SafeSteer report</title><style>{style}</style></head>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>SafeSteer report</title><style>{STYLE}</style></head>"
         f"<body><h1>SafeSteer run report</h1><table><tr><th>set</th><th>metric</th><th>before</th><th>after</th></tr>"
         f"{rows}</table>{_md_to_html(bar_lines(results) + ['## Evaluation sets'] + set_table(results))}"
         f"{imgs}<h2>Safety tokens ({html.escape(tokens.method)}; student mass "
         f"{tokens.student_mass:.3f})</h2><table><tr><th>#</th><th>token</th><th>score</th><th>p base</th>"
         f"<th>p steered</th></tr>{tok_rows}</table><h2>Examples</h2><table><tr><th>set</th><th>prompt</th>"
         f"<th>before</th><th>after</th></tr>{ex}</table></body></html>\n"
+    )
+
+
+STYLE = (
+    "body{font-family:sans-serif;max-width:1000px;margin:auto}td,th{border:1px solid #ccc;padding:3px 6px}"
+    "table{border-collapse:collapse;margin:1em 0}img{max-width:100%}"
+)
+
+
+def markdown_page(title: str, lines: list[str], figs: dict[str, Path]) -> str:
+    """A self-contained HTML page from markdown ``lines`` (the report's subset) and inlined figures."""
+    imgs = "".join(
+        f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}">'
+        f"<figcaption>{html.escape(n)}</figcaption></figure>"
+        for n, p in figs.items()
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body>{_md_to_html(lines)}{imgs}</body></html>\n"
     )
 
 

@@ -13,7 +13,8 @@ import pytest
 from safesteer.config import compose
 from safesteer.errors import SafeSteerError
 
-METHODS = ["safesteer", "full_vocab", "sft", "dpo"]
+METHODS = ["safesteer", "full_vocab", "sft", "dpo", "steered", "gated", "system_prompt"]
+DEPLOYED = ("steered", "gated", "system_prompt")
 
 
 def compare(run_dir, *extra: str) -> subprocess.CompletedProcess:
@@ -29,6 +30,8 @@ def compare(run_dir, *extra: str) -> subprocess.CompletedProcess:
         "compare.sweeps.sft.lr=[1e-4]",
         "compare.sweeps.sft.epochs=[1]",
         "compare.sweeps.dpo={beta:[0.1,0.5],lr:[1e-4],epochs:[1]}",
+        "compare.sweeps.steered.coeff=[1.0]",
+        "compare.sweeps.gated.coeff=[1.0]",
         *extra,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
@@ -37,7 +40,10 @@ def compare(run_dir, *extra: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("compare.methods=[nope]", "compare.methods=['nope']: choose from safesteer, full_vocab, sft, dpo"),
+        (
+            "compare.methods=[nope]",
+            "compare.methods=['nope']: choose from safesteer, full_vocab, sft, dpo, steered, gated, system_prompt",
+        ),
         ("+compare.sweeps.sft.bogus=[1]", "compare.sweeps.sft=bogus: knobs of sft: lr, epochs"),
         ("compare.sweeps.dpo.beta=[]", "compare.sweeps.dpo.beta=[]: needs a non-empty list of values"),
     ],
@@ -61,12 +67,21 @@ def test_every_method_gets_a_row_and_a_finished_comparison_is_reused(tmp_path) -
         "full_vocab": 1,
         "sft": 1,
         "dpo": 2,
+        "steered": 1,
+        "gated": 1,
+        "system_prompt": 1,
     }
     for r in result["points"]:
         for group in ("harmful_refusal_mean", "benign_refusal_mean", "edgy_refusal_mean", "mmlu"):
             assert r["eval"][group] is not None, (r["method"], group)
-        assert 0 <= r["validation"]["selectivity"] + 2 <= 3 and r["trained_tokens"] > 0, r
-        assert r["train_seconds"] > 0
+        assert 0 <= r["validation"]["selectivity"] + 2 <= 3, r
+        answers = [json.loads(line) for line in open(r["answers"], encoding="utf-8")]
+        assert len(answers) > 20 and all(a["after"]["answer"] is not None for a in answers), r["method"]
+        if r["method"] in DEPLOYED:  # no training; the cost is at inference
+            assert r["train_seconds"] == 0 and r["eval"]["tokens_per_s_deployed"] > 0, r
+            assert (run_dir / r["method"]).is_dir()
+        else:
+            assert r["trained_tokens"] > 0 and r["train_seconds"] > 0, r
     # each method's chosen point is its best on validation, whatever the evaluation says
     for m, rs in by_method.items():
         best = max(rs, key=lambda r: r["validation"]["selectivity"])
@@ -81,5 +96,5 @@ def test_every_method_gets_a_row_and_a_finished_comparison_is_reused(tmp_path) -
     again = compare(run_dir)  # nothing to recompute: every point is reused
     assert again.returncode == 0, again.stderr[-3000:]
     logs = again.stdout + again.stderr
-    assert logs.count("): reusing") == 6 and "running:" not in logs, logs[-3000:]
+    assert logs.count("): reusing") == 9 and "running:" not in logs, logs[-3000:]
     assert json.loads((run_dir / "compare.json").read_text())["chosen"] == result["chosen"]

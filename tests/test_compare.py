@@ -13,7 +13,7 @@ import pytest
 from safesteer.config import compose
 from safesteer.errors import SafeSteerError
 
-METHODS = ["safesteer", "full_vocab", "sft", "dpo", "steered", "gated", "system_prompt"]
+METHODS = ["safesteer", "full_vocab", "sft", "dpo", "distill", "steered", "gated", "system_prompt"]
 DEPLOYED = ("steered", "gated", "system_prompt")
 
 
@@ -30,6 +30,7 @@ def compare(run_dir, *extra: str) -> subprocess.CompletedProcess:
         "compare.sweeps.sft.lr=[1e-4]",
         "compare.sweeps.sft.epochs=[1]",
         "compare.sweeps.dpo={beta:[0.1,0.5],lr:[1e-4],epochs:[1]}",
+        "compare.sweeps.distill.lr=[1e-4]",
         "compare.sweeps.steered.coeff=[1.0]",
         "compare.sweeps.gated.coeff=[1.0]",
         *extra,
@@ -42,7 +43,7 @@ def compare(run_dir, *extra: str) -> subprocess.CompletedProcess:
     [
         (
             "compare.methods=[nope]",
-            "compare.methods=['nope']: choose from safesteer, full_vocab, sft, dpo, steered, gated, system_prompt",
+            "compare.methods=['nope']: choose from safesteer, full_vocab, sft, dpo, distill, steered, gated, system_prompt",
         ),
         ("+compare.sweeps.sft.bogus=[1]", "compare.sweeps.sft=bogus: knobs of sft: lr, epochs"),
         ("compare.sweeps.dpo.beta=[]", "compare.sweeps.dpo.beta=[]: needs a non-empty list of values"),
@@ -67,6 +68,7 @@ def test_every_method_gets_a_row_and_a_finished_comparison_is_reused(tmp_path) -
         "full_vocab": 1,
         "sft": 1,
         "dpo": 2,
+        "distill": 1,
         "steered": 1,
         "gated": 1,
         "system_prompt": 1,
@@ -96,5 +98,5 @@ def test_every_method_gets_a_row_and_a_finished_comparison_is_reused(tmp_path) -
     again = compare(run_dir)  # nothing to recompute: every point is reused
     assert again.returncode == 0, again.stderr[-3000:]
     logs = again.stdout + again.stderr
-    assert logs.count("): reusing") == 9 and "running:" not in logs, logs[-3000:]
+    assert logs.count("): reusing") == 10 and "running:" not in logs, logs[-3000:]
     assert json.loads((run_dir / "compare.json").read_text())["chosen"] == result["chosen"]

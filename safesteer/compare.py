@@ -296,6 +296,39 @@ def table(best: dict[str, dict]) -> list[str]:
     return lines
 
 
+def dominating(results: list[dict], target: dict, max_drop: float = 0.02) -> list[dict]:
+    """The points of other methods that beat ``target`` on the evaluation sets: higher mean harmful
+    refusal, mean benign refusal no higher, and MMLU within ``max_drop`` of the original's."""
+    t = target["eval"]
+    return [
+        r for r in results
+        if r["method"] != target["method"]
+        and r["eval"]["harmful_refusal_mean"] > t["harmful_refusal_mean"]
+        and r["eval"]["benign_refusal_mean"] <= t["benign_refusal_mean"]
+        and r["original"]["mmlu"] - r["eval"]["mmlu"] <= max_drop + 1e-9
+    ]  # fmt: skip
+
+
+def frontier_lines(results: list[dict], best: dict[str, dict]) -> list[str]:
+    """Whether SafeSteer's chosen point is on the frontier (no point of another method dominates it)."""
+    if "safesteer" not in best:
+        return []
+    b = best["safesteer"]
+    beaten = dominating(results, b)
+    head = f"SafeSteer's chosen point ({', '.join(f'{k}={v}' for k, v in b['knobs'].items())}): "
+    if not beaten:
+        return [head + "on the frontier: no other point has higher harmful refusal, benign refusal no "
+                "higher and MMLU within 2 points of the original's."]  # fmt: skip
+    lines = [head + f"dominated by {len(beaten)} point(s) (higher harmful refusal, benign refusal no higher, "
+             "MMLU within 2 points):", ""]  # fmt: skip
+    for r in beaten:
+        e = r["eval"]
+        lines.append(f"- {r['method']} ({', '.join(f'{k}={v}' for k, v in r['knobs'].items())}): harmful "
+                     f"{percent(e['harmful_refusal_mean'])}, benign {percent(e['benign_refusal_mean'])}, "
+                     f"MMLU {percent(e['mmlu'])}")  # fmt: skip
+    return lines
+
+
 def examples(best: dict[str, dict], per_set: int = 2, width: int = 160) -> list[str]:
     """The first answers of every evaluation set, the original's and each chosen point's (markdown)."""
     answers = {}
@@ -386,7 +419,7 @@ def command(cfg) -> None:
         out / "compare.json", {"points": results, "chosen": {m: r["knobs"] for m, r in best.items()}}
     )
     lines = ["# Comparison", "", "Each method's setting chosen on validation prompts; held-out evaluation sets.",
-             "", *table(best), "", *examples(best), ""]  # fmt: skip
+             "", *table(best), "", *frontier_lines(results, best), "", *examples(best), ""]  # fmt: skip
     atomic_write_text(out / "compare.md", "\n".join(lines))
     frontier(results, best, out / "frontier.png")
     atomic_write_text(

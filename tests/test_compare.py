@@ -100,3 +100,29 @@ def test_every_method_gets_a_row_and_a_finished_comparison_is_reused(tmp_path) -
     logs = again.stdout + again.stderr
     assert logs.count("): reusing") == 10 and "running:" not in logs, logs[-3000:]
     assert json.loads((run_dir / "compare.json").read_text())["chosen"] == result["chosen"]
+
+
+def point(method: str, harmful: float, benign: float, mmlu: float) -> dict:
+    return {
+        "method": method,
+        "knobs": {"x": 1},
+        "eval": {"harmful_refusal_mean": harmful, "benign_refusal_mean": benign, "mmlu": mmlu},
+        "original": {"mmlu": 0.30},
+    }
+
+
+def test_the_frontier_check_names_exactly_the_dominating_points() -> None:
+    from safesteer.compare import dominating, frontier_lines
+
+    ours = point("safesteer", 0.50, 0.10, 0.29)
+    others = [
+        point("sft", 0.60, 0.10, 0.29),  # dominates: safer, no more over-refusal, MMLU within 2 points
+        point("dpo", 0.70, 0.12, 0.30),  # more over-refusal
+        point("steered", 0.90, 0.05, 0.27),  # MMLU 3 points down
+        point("gated", 0.50, 0.05, 0.30),  # not safer
+        point("safesteer", 0.90, 0.0, 0.30),  # the same method: not a baseline
+    ]
+    assert dominating([ours, *others], ours) == [others[0]]
+    lines = frontier_lines([ours, *others], {"safesteer": ours})
+    assert "dominated by 1 point(s)" in lines[0] and lines[2].startswith("- sft (x=1): harmful 60%")
+    assert "on the frontier" in frontier_lines([ours, *others[1:]], {"safesteer": ours})[0]

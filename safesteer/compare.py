@@ -296,6 +296,21 @@ def table(best: dict[str, dict]) -> list[str]:
     return lines
 
 
+def points_table(results: list[dict]) -> list[str]:
+    """Every point: its validation score (what chose it) and its evaluation means (markdown)."""
+    lines = ["## Every point", "", "| method | setting | validation selectivity | validation harmful / harmless "
+             "refusal | harmful mean | benign mean | edgy mean | degenerate | MMLU | KL |", "|" + "---|" * 10]  # fmt: skip
+    for r in results:
+        v, e = r["validation"], r["eval"]
+        cells = [r["method"], ", ".join(f"{k}={x}" for k, x in r["knobs"].items()), f"{v['selectivity']:.3f}",
+                 f"{percent(v['val_harmful_refusal'])} / {percent(v['val_harmless_refusal'])}",
+                 percent(e["harmful_refusal_mean"]), percent(e["benign_refusal_mean"]),
+                 percent(e["edgy_refusal_mean"]), percent(e["degenerate_benign"]), percent(e["mmlu"]),
+                 f"{e.get('kl_per_token', 0):.4f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def dominating(results: list[dict], target: dict, max_drop: float = 0.02) -> list[dict]:
     """The points of other methods that beat ``target`` on the evaluation sets: higher mean harmful
     refusal, mean benign refusal no higher, and MMLU within ``max_drop`` of the original's."""
@@ -419,7 +434,8 @@ def command(cfg) -> None:
         out / "compare.json", {"points": results, "chosen": {m: r["knobs"] for m, r in best.items()}}
     )
     lines = ["# Comparison", "", "Each method's setting chosen on validation prompts; held-out evaluation sets.",
-             "", *table(best), "", *frontier_lines(results, best), "", *examples(best), ""]  # fmt: skip
+             "", *table(best), "", *frontier_lines(results, best), "", *points_table(results), "",
+             *examples(best), ""]  # fmt: skip
     atomic_write_text(out / "compare.md", "\n".join(lines))
     frontier(results, best, out / "frontier.png")
     atomic_write_text(

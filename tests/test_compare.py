@@ -88,10 +88,13 @@ def test_every_method_gets_a_row_and_a_finished_comparison_is_reused(tmp_path) -
     for m, rs in by_method.items():
         best = max(rs, key=lambda r: r["validation"]["selectivity"])
         assert result["chosen"][m] == best["knobs"]
-    table = (run_dir / "compare.md").read_text()
+    text = (run_dir / "compare.md").read_text()
+    table = text[text.index("| method") : text.index("\n\n", text.index("| method"))]  # the chosen points
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split("|")[1].strip() for r in rows] == ["original", *METHODS]
     assert all("–" not in r.split("|")[3] for r in rows)  # every row's first set is filled
+    assert "## Every point" in text and "## Answers" in text and "SafeSteer's chosen point" in text
+    assert (run_dir / "compare.html").stat().st_size > 10_000  # the plot inlined
     assert (run_dir / "frontier.png").stat().st_size > 10_000
     assert (run_dir / "paired_answers.jsonl").is_file()
 

@@ -102,7 +102,12 @@ class Point:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.knobs.items())
+        return setting(self.knobs)
+
+
+def setting(knobs: dict) -> str:
+    """A point's knobs as ``k=v, ...``."""
+    return ", ".join(f"{k}={v}" for k, v in knobs.items())
 
 
 def points(cfg, out: Path, base: list[str]) -> list[Point]:
@@ -290,9 +295,7 @@ def table(best: dict[str, dict]) -> list[str]:
         return "| " + " | ".join(cells) + " |"
 
     lines.append(row("original", "", any_result["original"], None))
-    lines += [
-        row(m, ", ".join(f"{k}={v}" for k, v in r["knobs"].items()), r["eval"], r) for m, r in best.items()
-    ]
+    lines += [row(m, setting(r["knobs"]), r["eval"], r) for m, r in best.items()]
     return lines
 
 
@@ -302,7 +305,7 @@ def points_table(results: list[dict]) -> list[str]:
              "refusal | harmful mean | benign mean | edgy mean | degenerate | MMLU | KL |", "|" + "---|" * 10]  # fmt: skip
     for r in results:
         v, e = r["validation"], r["eval"]
-        cells = [r["method"], ", ".join(f"{k}={x}" for k, x in r["knobs"].items()), f"{v['selectivity']:.3f}",
+        cells = [r["method"], setting(r["knobs"]), f"{v['selectivity']:.3f}",
                  f"{percent(v['val_harmful_refusal'])} / {percent(v['val_harmless_refusal'])}",
                  percent(e["harmful_refusal_mean"]), percent(e["benign_refusal_mean"]),
                  percent(e["edgy_refusal_mean"]), percent(e["degenerate_benign"]), percent(e["mmlu"]),
@@ -330,7 +333,7 @@ def frontier_lines(results: list[dict], best: dict[str, dict]) -> list[str]:
         return []
     b = best["safesteer"]
     beaten = dominating(results, b)
-    head = f"SafeSteer's chosen point ({', '.join(f'{k}={v}' for k, v in b['knobs'].items())}): "
+    head = f"SafeSteer's chosen point ({setting(b['knobs'])}): "
     if not beaten:
         return [head + "on the frontier: no other point has higher harmful refusal, benign refusal no "
                 "higher and MMLU within 2 points of the original's."]  # fmt: skip
@@ -338,7 +341,7 @@ def frontier_lines(results: list[dict], best: dict[str, dict]) -> list[str]:
              "MMLU within 2 points):", ""]  # fmt: skip
     for r in beaten:
         e = r["eval"]
-        lines.append(f"- {r['method']} ({', '.join(f'{k}={v}' for k, v in r['knobs'].items())}): harmful "
+        lines.append(f"- {r['method']} ({setting(r['knobs'])}): harmful "
                      f"{percent(e['harmful_refusal_mean'])}, benign {percent(e['benign_refusal_mean'])}, "
                      f"MMLU {percent(e['mmlu'])}")  # fmt: skip
     return lines

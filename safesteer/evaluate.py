@@ -230,6 +230,35 @@ def judge_sets(texts: dict[str, list[str]]) -> dict[str, dict]:
     return {name: judge.rates(ts) for name, ts in texts.items()}
 
 
+def judge_answers(
+    tok, sets: dict[str, list[str]], before_ids: dict, after_ids: dict | None, answers_path=None
+) -> tuple[dict, dict | None, dict, dict | None]:
+    """Decode and judge the answers before (and after); with ``answers_path``, every answer and its
+    verdict is also written there (JSON lines, atomically). Returns decoded texts and rates."""
+
+    def decode(ids: dict) -> dict[str, list[str]]:
+        return {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in ids.items()}
+
+    dec_b = decode(before_ids)
+    dec_a = decode(after_ids) if after_ids is not None else None
+    if answers_path is not None:
+        recs = answer_records(sets, dec_b, dec_a)
+        atomic_write_text(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    return dec_b, dec_a, judge_sets(dec_b), judge_sets(dec_a) if dec_a is not None else None
+
+
+def side(rates: dict, decoded: dict[str, list[str]], groups: dict[str, str], mmlu: float, **more) -> dict:
+    """One model's figures in a report: judge rates per set, their summary, canned deflections,
+    MMLU, and any more (KL, perplexity, throughput)."""
+    return {
+        "sets": rates,
+        **summary(rates, groups),
+        "canned": judge.canned_deflections(decoded),
+        "mmlu": mmlu,
+        **more,
+    }
+
+
 def answer_records(
     sets: dict[str, list[str]], before: dict[str, list[str]], after: dict[str, list[str]] | None
 ) -> list[dict]:
@@ -509,14 +538,7 @@ def evaluate(
     atomically)."""
     e = cfg.eval
     groups = set_groups(cfg)
-    decode = lambda ids: {k: [tok.decode(x, skip_special_tokens=True) for x in v] for k, v in ids.items()}  # noqa: E731
-    dec_b = decode(before_ids)
-    rates_b = judge_sets(dec_b)
-    dec_a = decode(after_ids) if after_ids is not None else None
-    rates_a = judge_sets(dec_a) if dec_a is not None else None
-    if answers_path is not None:
-        recs = answer_records(sets, dec_b, dec_a)
-        atomic_write_text(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    dec_b, dec_a, rates_b, rates_a = judge_answers(tok, sets, before_ids, after_ids, answers_path)
     if e.classifier.path:
         for rates, cls in zip([rates_b, rates_a], classify(cfg, [d for d in (dec_b, dec_a) if d], sets)):
             for name, r in cls.items():
@@ -526,23 +548,12 @@ def evaluate(
     out = {
         "groups": groups,
         "held_out": held_out_report(cfg),
-        "before": {
-            "sets": rates_b,
-            **summary(rates_b, groups),
-            "canned": judge.canned_deflections(dec_b),
-            "mmlu": original_mmlu(cfg, base_path, base, tok, mmlu),
-        },
+        "before": side(rates_b, dec_b, groups, original_mmlu(cfg, base_path, base, tok, mmlu)),
     }
     if trained_path is not None and after_ids is not None:
         trained, _ = load_hf(trained_path, trust_remote_code=cfg.model.trust_remote_code)
         cap = kl_and_perplexity(base, trained, tok, sets[e.capability_set], before_ids[e.capability_set])
-        out["after"] = {
-            "sets": rates_a,
-            **summary(rates_a, groups),
-            "canned": judge.canned_deflections(dec_a),
-            "mmlu": mmlu_accuracy(trained, tok, mmlu, e.mmlu_form),
-            **cap,
-        }
+        out["after"] = side(rates_a, dec_a, groups, mmlu_accuracy(trained, tok, mmlu, e.mmlu_form), **cap)
         out["bar"] = bar(cfg, out["before"], out["after"], groups)
         out["examples"] = {k: list(zip(sets[k][:3], dec_b[k][:3], dec_a[k][:3])) for k in sets}
         if e.lm_eval_tasks:

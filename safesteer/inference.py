@@ -17,7 +17,6 @@ cost at inference (tokens per second with the hook against without, on the same 
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -27,13 +26,11 @@ import torch
 from tqdm import tqdm
 
 from safesteer import evaluate
-from safesteer.core import judge
 from safesteer.core.batch import collate
 from safesteer.core.generation import chat_texts, generate
 from safesteer.core.probe import HarmProbe, last_token_states
 from safesteer.core.steering import SteeringVector, steering
 from safesteer.data import load_prompts
-from safesteer.paths import atomic_write_text
 
 
 @dataclass
@@ -177,31 +174,16 @@ def evaluate_deployed(cfg, base_path: str, served: Deployed, answers_path) -> di
         name: served.answer(prompts, e.max_new_tokens)
         for name, prompts in tqdm(sets.items(), desc="answers (deployed)", unit="set")
     }
-
-    def decode(ids: dict) -> dict[str, list[str]]:
-        return {k: [served.tok.decode(x, skip_special_tokens=True) for x in v] for k, v in ids.items()}
-
-    dec_b, dec_a = decode(before_ids), decode(after_ids)
-    rates_b, rates_a = evaluate.judge_sets(dec_b), evaluate.judge_sets(dec_a)
-    recs = evaluate.answer_records(sets, dec_b, dec_a)
-    atomic_write_text(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
+    dec_b, dec_a, rates_b, rates_a = evaluate.judge_answers(
+        served.tok, sets, before_ids, after_ids, answers_path
+    )
     mmlu = load_prompts(e.mmlu_set, limit=e.n_mmlu)
     base = Deployed(served.model, served.tok, batch_size=served.batch_size)
-    before = {
-        "sets": rates_b,
-        **evaluate.summary(rates_b, groups),
-        "canned": judge.canned_deflections(dec_b),
-        "mmlu": evaluate.original_mmlu(cfg, base_path, served.model, served.tok, mmlu),
-    }
+    before_mmlu = evaluate.original_mmlu(cfg, base_path, served.model, served.tok, mmlu)
+    before = evaluate.side(rates_b, dec_b, groups, before_mmlu)
     cap = kl_and_perplexity(base, served, sets[e.capability_set], before_ids[e.capability_set])
-    after = {
-        "sets": rates_a,
-        **evaluate.summary(rates_a, groups),
-        "canned": judge.canned_deflections(dec_a),
-        "mmlu": served.mmlu_cloze(mmlu),
-        **cap,
-        **throughput(served, sets[e.capability_set][:32], e.max_new_tokens),
-    }
+    speed = throughput(served, sets[e.capability_set][:32], e.max_new_tokens)
+    after = evaluate.side(rates_a, dec_a, groups, served.mmlu_cloze(mmlu), **cap, **speed)
     return {
         "groups": groups,
         "before": before,

@@ -441,10 +441,15 @@ class Workers:
             log.warning("the Ray cluster is gone; no actor left to stop")
             return
 
+        failed: list[BaseException] = []
+
         def stop() -> None:
-            for a in self.rollout + self.teachers + self.learners:
-                self._ray.kill(a)
-            remove_placement_group(self.pg)
+            try:
+                for a in self.rollout + self.teachers + self.learners:
+                    self._ray.kill(a)
+                remove_placement_group(self.pg)
+            except Exception as e:  # the cluster went down under the calls (e.g. RPC CANCELLED)
+                failed.append(e)
 
         t = threading.Thread(target=stop, name="safesteer-shutdown", daemon=True)
         t.start()
@@ -453,3 +458,5 @@ class Workers:
             t.join(1.0)
         if t.is_alive():
             log.warning("the Ray cluster did not answer the shutdown within %.0fs; leaving it", timeout_s)
+        elif failed:
+            log.warning("the Ray cluster went away during the shutdown (%s); leaving it", failed[0])

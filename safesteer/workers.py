@@ -448,7 +448,7 @@ class Workers:
                 for a in self.rollout + self.teachers + self.learners:
                     self._ray.kill(a)
                 remove_placement_group(self.pg)
-            except Exception as e:  # the cluster went down under the calls (e.g. RPC CANCELLED)
+            except Exception as e:  # e.g. RPC CANCELLED: the cluster went down under the calls
                 failed.append(e)
 
         t = threading.Thread(target=stop, name="safesteer-shutdown", daemon=True)
@@ -459,4 +459,6 @@ class Workers:
         if t.is_alive():
             log.warning("the Ray cluster did not answer the shutdown within %.0fs; leaving it", timeout_s)
         elif failed:
-            log.warning("the Ray cluster went away during the shutdown (%s); leaving it", failed[0])
+            log.warning(
+                "stopping the Ray actors failed (%s: %s); leaving them", type(failed[0]).__name__, failed[0]
+            )

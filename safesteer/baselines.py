@@ -15,6 +15,10 @@ Unlike SafeSteer, both train off-policy on fixed answer texts, every answer toke
 loss, no teacher distribution). The third, :func:`train_distill`, is on-policy like SafeSteer but
 through TRL's ``DistillationTrainer``: the reverse KL to the same steered teacher over the whole
 vocabulary at every completion position. Each writes an HF model directory.
+
+With ``learner.lora.r`` > 0 all three train the run's LoRA adapters (TRL's ``peft_config``) instead of
+every weight, and the written model has them merged in. DPO's reference is then the policy with its
+adapters disabled (TRL's way with peft): no second copy of the model.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from safesteer.core import steering as S
 from safesteer.core.generation import batches, chat_texts, generate
 from safesteer.data.training import TrainingData
 from safesteer.errors import SafeSteerError
+from safesteer.learner import lora_config, lora_errors
 from safesteer.models import default_device, load_hf, use_bf16
 from safesteer.paths import atomic_dir, atomic_write_text
 
@@ -255,12 +260,20 @@ def training_args(cfg, n_examples: int, lr: float, epochs: int, output_dir: str)
     )
 
 
+def _peft(cfg):
+    """TRL's ``peft_config``: the learner's LoRA adapters (``learner.lora``), None without LoRA."""
+    return lora_config(cfg.learner.lora) if cfg.learner.lora.r else None
+
+
 def _save(trainer, tok, out: Path) -> Path:
-    """The trained weights (safetensors: transformers 5 writes no other format), the generation config
-    and the tokenizer with its chat template, in ``out`` atomically."""
+    """The trained weights (safetensors: transformers 5 writes no other format; LoRA adapters merged
+    in), the generation config and the tokenizer with its chat template, in ``out`` atomically."""
     out = Path(out)
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):  # a peft model
+        model = model.merge_and_unload()
     with atomic_dir(out) as tmp:
-        trainer.model.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out
 
@@ -305,12 +318,14 @@ def train_sft(cfg, model_path: str, examples: list[dict], lr: float, epochs: int
             packing=False,
             **training_args(cfg, len(examples), lr, epochs, tmp),
         )
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=Dataset.from_list(_with_template_kwargs(cfg, examples)),
-            processing_class=tok,
-        )
+        with lora_errors(cfg.learner.lora):
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=Dataset.from_list(_with_template_kwargs(cfg, examples)),
+                processing_class=tok,
+                peft_config=_peft(cfg),
+            )
         tokens = sum(sum(x != -100 for x in row) for row in trainer.train_dataset["labels"])
         _train(trainer, "SFT")
         model_dir = _save(trainer, tok, out)
@@ -324,7 +339,8 @@ def train_dpo(
 ) -> Trained:
     """DPO on :func:`dpo_examples` with TRL's ``DPOTrainer`` (sigmoid loss, ``beta``), against a frozen
     reference: a second copy of the original model loaded from ``model_path`` (what TRL would load
-    itself from the policy's path, here with the same dtype and ``trust_remote_code``), written to ``out``."""
+    itself from the policy's path, here with the same dtype and ``trust_remote_code``), or with LoRA
+    the policy with its adapters disabled; written to ``out``."""
     # optional: the comparison's baselines only
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -335,20 +351,30 @@ def train_dpo(
         raise SafeSteerError(f"beta={beta}: DPO's beta must be positive")
     _check_settings(lr, epochs)
     t0 = time.perf_counter()
-    model, tok, ref = _policy_and_frozen_copy(cfg, model_path)
+    peft = _peft(cfg)
+    if peft is None:
+        model, tok, ref = _policy_and_frozen_copy(cfg, model_path)
+    else:
+        torch.manual_seed(int(cfg.seed))
+        model, tok = load_hf(
+            model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs
+        )
+        ref = None
     with tempfile.TemporaryDirectory(prefix="safesteer-dpo-") as tmp:
         args = DPOConfig(
             loss_type=["sigmoid"],  # a list in TRL 1.16 (several losses can be mixed)
             beta=float(beta),
             **training_args(cfg, len(examples), lr, epochs, tmp),
         )
-        trainer = DPOTrainer(
-            model=model,
-            ref_model=ref,
-            args=args,
-            train_dataset=Dataset.from_list(_with_template_kwargs(cfg, examples)),
-            processing_class=tok,
-        )
+        with lora_errors(cfg.learner.lora):
+            trainer = DPOTrainer(
+                model=model,
+                ref_model=ref,
+                args=args,
+                train_dataset=Dataset.from_list(_with_template_kwargs(cfg, examples)),
+                processing_class=tok,
+                peft_config=peft,
+            )
         ds = trainer.train_dataset
         tokens = sum(len(c) + len(r) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"]))
         _train(trainer, "DPO")
@@ -413,13 +439,15 @@ def train_distill(cfg, model_path: str, vector_path: Path | None, lr: float, out
             temperature=float(r.temperature), top_p=float(r.top_p), top_k=0, shuffle_dataset=False,
             use_vllm=False, remove_unused_columns=False, **args,
         )  # fmt: skip
-        trainer = SteeredDistillation(
-            model=model,
-            teacher_model=teacher_model,
-            args=config,
-            train_dataset=Dataset.from_list([{"prompt": texts[i]} for i in order]),
-            processing_class=tok,
-        )
+        with lora_errors(cfg.learner.lora):
+            trainer = SteeredDistillation(
+                model=model,
+                teacher_model=teacher_model,
+                args=config,
+                train_dataset=Dataset.from_list([{"prompt": texts[i]} for i in order]),
+                processing_class=tok,
+                peft_config=_peft(cfg),
+            )
         _train(trainer, "TRL distillation")
         model_dir = _save(trainer, tok, out)
     del trainer, model, teacher_model

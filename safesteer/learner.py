@@ -12,6 +12,7 @@ import math
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,13 +119,12 @@ def freeze_below(model, layer: int | None) -> list[str]:
     return names
 
 
-def add_lora(model, lora: LoraSettings):
-    """Inject LoRA adapters (peft) into ``model``'s ``lora.target_modules`` in place and freeze every
-    other weight; returns the peft wrapper (for the adapter's export). ``model`` keeps working as the
-    HF module it was, with the adapters in its forward."""
-    from peft import LoraConfig, get_peft_model  # optional: LoRA only
+def lora_config(lora: LoraSettings):
+    """``learner.lora`` as peft's ``LoraConfig`` (what :func:`add_lora` injects, and what the
+    comparison's TRL baselines get as ``peft_config``)."""
+    from peft import LoraConfig  # optional: LoRA only
 
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -132,11 +132,29 @@ def add_lora(model, lora: LoraSettings):
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+@contextmanager
+def lora_errors(lora: LoraSettings):
+    """peft's refusal of the adapters (e.g. a target module the architecture does not have) as one
+    error line naming ``learner.lora.target_modules``; without LoRA (``r`` 0) errors pass as they are."""
     try:
-        return get_peft_model(model, config)
-    except ValueError as e:  # e.g. a target module the architecture does not have
+        yield
+    except ValueError as e:
+        if not lora.r:
+            raise
         msg = " ".join(str(e).split())[:300]
         raise SafeSteerError(f"learner.lora.target_modules={list(lora.target_modules)}: {msg}") from e
+
+
+def add_lora(model, lora: LoraSettings):
+    """Inject LoRA adapters (peft) into ``model``'s ``lora.target_modules`` in place and freeze every
+    other weight; returns the peft wrapper (for the adapter's export). ``model`` keeps working as the
+    HF module it was, with the adapters in its forward."""
+    from peft import get_peft_model  # optional: LoRA only
+
+    with lora_errors(lora):
+        return get_peft_model(model, lora_config(lora))
 
 
 def deepspeed_config(cfg: LearnerConfig, sequences_per_step: int) -> dict:

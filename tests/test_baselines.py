@@ -180,6 +180,46 @@ def test_train_dpo(run, texts, tiny_model_dir: Path, tmp_path: Path):
     assert margin(out) > margin(tiny_model_dir)
 
 
+def test_sft_and_dpo_with_lora(run, texts, tiny_model_dir: Path, tmp_path: Path):
+    """With learner.lora.r > 0 the baselines train the learner's adapters only (DPO's reference: the
+    policy with its adapters disabled, no second copy) and write a plain HF model with them merged:
+    only the target modules' weights move, and each baseline still moves its objective."""
+    cfg, _, _ = run
+    lora = compose([*BASE, f"data.anchor='{cfg.data.anchor}'", "learner.lora.r=4", "learner.lora.alpha=8",
+                    "learner.lora.target_modules=[q_proj,v_proj]"])  # fmt: skip
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+
+    def moved(out: Path) -> set[str]:
+        w = load_file(str(out / "model.safetensors"))
+        assert set(w) == set(base)  # merged: no adapter tensors, the base model's names
+        return {k for k in w if not torch.equal(w[k], base[k])}
+
+    sft, dpo = B.sft_examples(texts), B.dpo_examples(texts)
+    out = tmp_path / "sft"
+    B.train_sft(lora, str(tiny_model_dir), sft, lr=1e-2, epochs=2, out=out)
+    changed = moved(out)
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+    before = sum(lp for lp, _ in completion_logprobs(tiny_model_dir, sft, "completion"))
+    assert sum(lp for lp, _ in completion_logprobs(out, sft, "completion")) > before
+
+    out = tmp_path / "dpo"
+    B.train_dpo(lora, str(tiny_model_dir), dpo, beta=0.1, lr=1e-2, epochs=2, out=out)
+    changed = moved(out)
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+
+    def margin(model_dir) -> float:
+        chosen = completion_logprobs(model_dir, dpo, "chosen")
+        rejected = completion_logprobs(model_dir, dpo, "rejected")
+        return sum(c - r for (c, _), (r, _) in zip(chosen, rejected))
+
+    assert margin(out) > margin(tiny_model_dir)
+    bad = compose([*BASE, f"data.anchor='{cfg.data.anchor}'", "learner.lora.r=4",
+                   "learner.lora.target_modules=[no_such_proj]"])  # fmt: skip
+    with pytest.raises(SafeSteerError, match="learner.lora.target_modules"):
+        B.train_sft(bad, str(tiny_model_dir), sft, lr=1e-2, epochs=1, out=tmp_path / "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpo", "sft"]
+
+
 def test_bad_settings(run, texts, tiny_model_dir: Path, tmp_path: Path):
     cfg, _, _ = run
     a = texts

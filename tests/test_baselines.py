@@ -269,7 +269,8 @@ def first_token_kl(model, teacher_model, tok, prompts: list[str], sv: SteeringVe
 
 def test_trl_distillation_moves_the_student_to_the_steered_teacher(run, tiny_model_dir: Path, tmp_path: Path):
     """TRL's DistillationTrainer with the steered teacher (the hook inside its teacher forward): the
-    student's reverse KL to the teacher on the training prompts falls, and the model is written."""
+    student's reverse KL to the teacher on the training prompts falls, and the model is written; with
+    LoRA only the target modules' weights move (merged)."""
     from safesteer.core.steering import load_vector
     from safesteer.models import load_hf
 
@@ -289,3 +290,14 @@ def test_trl_distillation_moves_the_student_to_the_steered_teacher(run, tiny_mod
     assert not (tmp_path / "distill.tmp").exists()
     with pytest.raises(SafeSteerError, match="steered teacher"):
         B.train_distill(cfg, str(tiny_model_dir), None, 1e-3, tmp_path / "x")
+    lora = compose([*BASE, f"data.anchor='{tmp_path / 'anchors.txt'}'", "teacher.coeff=8.0", "trainer.max_steps=2",
+                    "learner.lora.r=4", "learner.lora.target_modules=[q_proj,v_proj]"])  # fmt: skip
+    out = B.train_distill(lora, str(tiny_model_dir), vector, 3e-3, tmp_path / "distill-lora").model_dir
+    w, base_w = (
+        load_file(str(out / "model.safetensors")),
+        load_file(str(tiny_model_dir / "model.safetensors")),
+    )
+    moved = {k for k in w if not torch.equal(w[k], base_w[k])}
+    assert (
+        set(w) == set(base_w) and moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)
+    )

@@ -287,16 +287,19 @@ def _train(trainer, what: str) -> None:
         raise SafeSteerError(f"{what} baseline: the training loss is not finite; lower the learning rate")
 
 
-def _policy_and_frozen_copy(cfg, model_path: str):
-    """(the model to train, its tokenizer, a frozen second copy): DPO's reference, the distillation
-    teacher; the copy is what TRL would load itself from the policy's path, with the same dtype and
-    ``trust_remote_code``. Seeded."""
+def _policy(cfg, model_path: str):
+    """(the model to train, its tokenizer), float32, seeded."""
     torch.manual_seed(int(cfg.seed))
-    model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
-    frozen = AutoModelForCausalLM.from_pretrained(
+    return load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
+
+
+def _frozen_copy(cfg, model_path: str):
+    """A frozen second copy of the original model (DPO's reference without LoRA, the distillation
+    teacher): what TRL would load itself from the policy's path, with the same dtype and
+    ``trust_remote_code``."""
+    return AutoModelForCausalLM.from_pretrained(
         model_path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
     ).eval()
-    return model, tok, frozen
 
 
 def train_sft(cfg, model_path: str, examples: list[dict], lr: float, epochs: int, out: Path) -> Trained:
@@ -310,8 +313,7 @@ def train_sft(cfg, model_path: str, examples: list[dict], lr: float, epochs: int
         raise SafeSteerError("SFT baseline: no training example")
     _check_settings(lr, epochs)
     t0 = time.perf_counter()
-    torch.manual_seed(int(cfg.seed))
-    model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
+    model, tok = _policy(cfg, model_path)
     with tempfile.TemporaryDirectory(prefix="safesteer-sft-") as tmp:
         args = SFTConfig(
             completion_only_loss=True,
@@ -352,14 +354,8 @@ def train_dpo(
     _check_settings(lr, epochs)
     t0 = time.perf_counter()
     peft = _peft(cfg)
-    if peft is None:
-        model, tok, ref = _policy_and_frozen_copy(cfg, model_path)
-    else:
-        torch.manual_seed(int(cfg.seed))
-        model, tok = load_hf(
-            model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs
-        )
-        ref = None
+    model, tok = _policy(cfg, model_path)
+    ref = _frozen_copy(cfg, model_path) if peft is None else None  # with LoRA: the adapters disabled
     with tempfile.TemporaryDirectory(prefix="safesteer-dpo-") as tmp:
         args = DPOConfig(
             loss_type=["sigmoid"],  # a list in TRL 1.16 (several losses can be mixed)
@@ -400,7 +396,8 @@ def train_distill(cfg, model_path: str, vector_path: Path | None, lr: float, out
         raise SafeSteerError("TRL distillation baseline: needs the steered teacher (teacher.kind=vector)")
     _check_settings(lr, 1)
     t0 = time.perf_counter()
-    model, tok, teacher_model = _policy_and_frozen_copy(cfg, model_path)
+    model, tok = _policy(cfg, model_path)
+    teacher_model = _frozen_copy(cfg, model_path)
     sv = S.load_vector(vector_path, model.config.hidden_size, len(S.decoder_layers(model)))
     teacher = S.Teacher(vector=sv, coeff=cfg.teacher.coeff, anchor_coeff=cfg.teacher.anchor_coeff,
                         positions=cfg.teacher.positions)  # fmt: skip

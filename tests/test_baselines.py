@@ -135,6 +135,15 @@ def completion_logprobs(model_dir, examples: list[dict], key: str) -> list[float
     return out
 
 
+def assert_only_adapted_moved(base: Path, out: Path, targets=("q_proj.weight", "v_proj.weight")) -> None:
+    """``out`` is a plain model with LoRA merged (the base model's tensor names, no adapter tensors),
+    and some weights moved, all of them in the adapters' target modules."""
+    wa, wb = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(wb) == set(wa)
+    moved = {k for k in wa if not torch.equal(wa[k], wb[k])}
+    assert moved and all(k.endswith(targets) for k in moved), moved
+
+
 def weights_differ(a: Path, b: Path) -> bool:
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     return any(not torch.equal(wa[k], wb[k]) for k in wa)
@@ -187,25 +196,16 @@ def test_sft_and_dpo_with_lora(run, texts, tiny_model_dir: Path, tmp_path: Path)
     cfg, _, _ = run
     lora = compose([*BASE, f"data.anchor='{cfg.data.anchor}'", "learner.lora.r=4", "learner.lora.alpha=8",
                     "learner.lora.target_modules=[q_proj,v_proj]"])  # fmt: skip
-    base = load_file(str(tiny_model_dir / "model.safetensors"))
-
-    def moved(out: Path) -> set[str]:
-        w = load_file(str(out / "model.safetensors"))
-        assert set(w) == set(base)  # merged: no adapter tensors, the base model's names
-        return {k for k in w if not torch.equal(w[k], base[k])}
-
     sft, dpo = B.sft_examples(texts), B.dpo_examples(texts)
     out = tmp_path / "sft"
     B.train_sft(lora, str(tiny_model_dir), sft, lr=1e-2, epochs=2, out=out)
-    changed = moved(out)
-    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+    assert_only_adapted_moved(tiny_model_dir, out)
     before = sum(lp for lp, _ in completion_logprobs(tiny_model_dir, sft, "completion"))
     assert sum(lp for lp, _ in completion_logprobs(out, sft, "completion")) > before
 
     out = tmp_path / "dpo"
     B.train_dpo(lora, str(tiny_model_dir), dpo, beta=0.1, lr=1e-2, epochs=2, out=out)
-    changed = moved(out)
-    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+    assert_only_adapted_moved(tiny_model_dir, out)
 
     def margin(model_dir) -> float:
         chosen = completion_logprobs(model_dir, dpo, "chosen")
@@ -293,11 +293,4 @@ def test_trl_distillation_moves_the_student_to_the_steered_teacher(run, tiny_mod
     lora = compose([*BASE, f"data.anchor='{tmp_path / 'anchors.txt'}'", "teacher.coeff=8.0", "trainer.max_steps=2",
                     "learner.lora.r=4", "learner.lora.target_modules=[q_proj,v_proj]"])  # fmt: skip
     out = B.train_distill(lora, str(tiny_model_dir), vector, 3e-3, tmp_path / "distill-lora").model_dir
-    w, base_w = (
-        load_file(str(out / "model.safetensors")),
-        load_file(str(tiny_model_dir / "model.safetensors")),
-    )
-    moved = {k for k in w if not torch.equal(w[k], base_w[k])}
-    assert (
-        set(w) == set(base_w) and moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved)
-    )
+    assert_only_adapted_moved(tiny_model_dir, out)

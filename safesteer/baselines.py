@@ -34,15 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from safesteer.core import steering as S
-from safesteer.core.generation import batches, chat_texts, generate
+from safesteer.core.generation import chat_texts
 from safesteer.data.training import TrainingData
 from safesteer.errors import SafeSteerError
 from safesteer.learner import lora_config, lora_errors
-from safesteer.models import default_device, load_hf, use_bf16
+from safesteer.models import default_device, load_hf, load_tokenizer, use_bf16
 from safesteer.paths import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -78,35 +77,36 @@ def run_prompts(cfg, tok) -> tuple[list[str], list[bool]]:
 
 def paired_answers(cfg, model_path: str, vector_path: Path | None, max_new_tokens: int) -> PairedAnswers:
     """The steered teacher's and the original model's greedy answers (at most ``max_new_tokens``
-    tokens; float32) to every prompt of the run (:func:`run_prompts`). The teacher answers the anchors
-    steered too: the over-refusals DPO learns to avoid there."""
-    trc, kwargs = cfg.model.trust_remote_code, cfg.model.chat_template_kwargs
-    model, tok = load_hf(model_path, "float32", trc, kwargs)
-    model.to(default_device())
+    tokens) to every prompt of the run (:func:`run_prompts`), from one vLLM engine with the hook in its
+    worker (:class:`safesteer.inference.SteeringEngine`). The teacher answers the anchors steered too:
+    the over-refusals DPO learns to avoid there."""
+    from safesteer.inference import SteeringEngine  # imports vLLM's engine side
+
+    tok = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
     prompts, harmful = run_prompts(cfg, tok)
     sv = None
     if vector_path is not None:
-        sv = S.load_vector(
-            vector_path, model.config.get_text_config().hidden_size, len(S.decoder_layers(model))
-        )
+        shape = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        shape = shape.get_text_config()
+        sv = S.load_vector(vector_path, shape.hidden_size, shape.num_hidden_layers)
     extra = {"system_prompt": cfg.teacher.system_prompt} if cfg.teacher.system_prompt else {}
     teacher = S.Teacher(
         kind=cfg.teacher.kind, vector=sv, coeff=cfg.teacher.coeff, positions=cfg.teacher.positions, **extra
     )
-    size = int(cfg.teacher.batch_size)
-    plain = teacher.prompt_texts(tok, prompts, steer=False)  # no system prompt: the original model's
-    steered = teacher.prompt_texts(tok, prompts)
-    original: list[list[int]] = []
-    refusal: list[list[int]] = []
-    with tqdm(total=2 * len(prompts), desc=f"paired answers ({max_new_tokens} tokens)") as bar:
-        for chunk in batches(plain, size):
-            original += generate(model, tok, chunk, max_new_tokens, batch_size=size)
-            bar.update(len(chunk))
-        for chunk in batches(steered, size):
-            with teacher.apply(model):
-                refusal += generate(model, tok, chunk, max_new_tokens, batch_size=size)
-            bar.update(len(chunk))
-    del model
+
+    def ids(texts: list[str]) -> list[list[int]]:
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    plain = ids(teacher.prompt_texts(tok, prompts, steer=False))  # no system prompt: the original model's
+    steered = ids(teacher.prompt_texts(tok, prompts))
+    engine = SteeringEngine(cfg, model_path, sv, max(0, max(map(len, steered)) - max(map(len, plain))))
+    try:
+        log.info("paired answers (%d tokens): the original model's, then the teacher's", max_new_tokens)
+        original = engine.greedy(plain, max_new_tokens)
+        coeff = teacher.coefficient() if teacher.kind == "vector" else 0.0
+        refusal = engine.greedy(steered, max_new_tokens, coeff, teacher.positions)
+    finally:
+        engine.close()
 
     def texts(ids: list[list[int]]) -> list[str]:
         return [tok.decode(x, skip_special_tokens=True) for x in ids]

@@ -20,16 +20,16 @@ them, the same harmless anchors) and the same steered teacher, built once by the
   table gives generation tokens/s with and without the hook or prompt.
 
 Each sweep point is validated on the validation prompts of ``trainer.select`` (the selectivity the
-run's model selection uses) and evaluated on the held-out evaluation sets; each method's point is
-**chosen on validation only**. Results are reused when a point's directory already holds them (its
-name carries a hash of everything that defines it), so an interrupted comparison resumes. Written:
+run's model selection uses) and evaluated on the held-out evaluation sets (``compare.evaluate=chosen``:
+only each method's chosen point); each method's point is **chosen on validation only**. Results are
+reused when a point's directory already holds them (its name carries a hash of everything that
+defines it), so an interrupted comparison resumes. Written:
 ``compare.json``, ``compare.md`` (the table of the chosen points) and ``frontier.png`` (harmful
 refusal against over-refusal, MMLU as colour, one curve per method over its sweep).
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import itertools
 import json
@@ -71,6 +71,7 @@ class CompareConfig:
     methods: list[str] = option(default=[])
     sweeps: Any = option()  # method -> {knob or run override: [values]}; the points are the product
     answer_tokens: int = option(ge=1)  # length of the teacher's and the original's answers (SFT, DPO data)
+    evaluate: str = option(choices=("every", "chosen"))  # which points the evaluation sets see
 
     @staticmethod
     def rules(cfg) -> None:
@@ -174,12 +175,11 @@ def validate(cfg, model_dir: str) -> dict:
     try:
         return Selector.build(cfg, tok, Path(model_dir)).score(engine.greedy)
     finally:
-        del engine
-        gc.collect()
+        engine.close()
 
 
-def run_baseline(cfg, p: Point, base: list[str], answers, prepared: Prepared) -> dict:
-    """Train the baseline at this point, then validate and evaluate the trained model."""
+def train_baseline(cfg, p: Point, answers, prepared: Prepared) -> dict:
+    """Train the baseline at this point, then validate the trained model."""
     model_path = resolve_model_path(cfg.model.path)
     k = p.knobs
     if p.method == "distill":
@@ -192,71 +192,92 @@ def run_baseline(cfg, p: Point, base: list[str], answers, prepared: Prepared) ->
     else:
         trained = baselines.train_dpo(cfg, model_path, baselines.dpo_examples(answers()), float(k["beta"]),
                                       float(k["lr"]), int(k["epochs"]), p.directory / "model")  # fmt: skip
-    validation = validate(cfg, str(trained.model_dir))
-    m = subcommand("safesteer.evaluate", [*base, f"eval.model={trained.model_dir}"], p.directory / "eval")
     return {
-        "validation": validation,
+        "validation": validate(cfg, str(trained.model_dir)),
+        "train_seconds": trained.wall_seconds,
+        "trained_tokens": trained.trained_tokens,
+        "model": str(trained.model_dir),
+    }
+
+
+def evaluate_baseline(p: Point, base: list[str], model_dir: str) -> dict:
+    """A trained baseline's model on the evaluation sets (``python -m safesteer.evaluate``)."""
+    m = subcommand("safesteer.evaluate", [*base, f"eval.model={model_dir}"], p.directory / "eval")
+    return {
         "eval": m["after"],
         "original": m["before"],
         "groups": m["groups"],
-        "train_seconds": trained.wall_seconds,
-        "trained_tokens": trained.trained_tokens,
         "answers": str(p.directory / "eval" / "answers.jsonl"),
     }
 
 
-def deployment(cfg, p: Point, model, tok, prepared: Prepared) -> inference.Deployed:
+def deployment(cfg, p: Point, model_path: str, model, tok, prepared: Prepared) -> inference.Deployed:
     """The original model served as this point says: with the safety system prompt, or with the
-    teacher's vector at the point's coefficient (``gated``: on the prompts the harm probe flags)."""
+    teacher's vector at the point's coefficient (``gated``: on the prompts the harm probe flags);
+    its answers from a :class:`safesteer.inference.SteeringEngine`."""
     if p.method == "system_prompt":
-        return inference.Deployed(model, tok, system=p.knobs["prompt"] or SAFETY_SYSTEM_PROMPT)
+        system = p.knobs["prompt"] or SAFETY_SYSTEM_PROMPT
+        engine = inference.SteeringEngine(cfg, model_path, None, len(tok(system)["input_ids"]))
+        return inference.Deployed(model, tok, engine, system=system)
     if prepared.vector_path is None:
         raise SafeSteerError(f"compare method {p.method} needs a steering vector (teacher.kind=vector)")
     vector = load_vector(prepared.vector_path, model.config.hidden_size, len(decoder_layers(model)))
     probe = build_probe(cfg, model, tok)[0] if p.method == "gated" else None
-    return inference.Deployed(model, tok, vector, float(p.knobs["coeff"]), cfg.teacher.positions, probe)
+    engine = inference.SteeringEngine(cfg, model_path, vector)
+    return inference.Deployed(
+        model, tok, engine, vector, float(p.knobs["coeff"]), cfg.teacher.positions, probe
+    )
 
 
-def run_deployed(cfg, p: Point, prepared: Prepared) -> dict:
-    """Validate and evaluate the original model served with a system prompt or a steering hook."""
+def run_deployed(cfg, p: Point, prepared: Prepared, validated: bool, evaluated: bool) -> dict:
+    """Validate and/or evaluate the original model served with a system prompt or a steering hook."""
     model_path = resolve_model_path(cfg.model.path)
     model, tok = load_hf(model_path, "float32", cfg.model.trust_remote_code, cfg.model.chat_template_kwargs)
-    served = deployment(cfg, p, model, tok, prepared)
-    sel = cfg.trainer.select
-    texts = {}
-    for kind in ("harmful", "harmless"):
-        prompts = [x.instruction for x in chat_prompts(tok, sel[kind], cfg.model.max_prompt_tokens)[0]]
-        texts[kind] = [
-            tok.decode(x, skip_special_tokens=True) for x in served.answer(prompts, sel.max_new_tokens)
-        ]
-    m = inference.evaluate_deployed(cfg, model_path, served, p.directory / "answers.jsonl")
-    atomic_write_json(p.directory / "metrics.json", m)
-    return {
-        "validation": selectivity(texts["harmful"], texts["harmless"]),
-        "eval": m["after"],
-        "original": m["before"],
-        "groups": m["groups"],
-        "train_seconds": 0.0,
-        "trained_tokens": 0,
-        "answers": str(p.directory / "answers.jsonl"),
-    }
+    served = deployment(cfg, p, model_path, model, tok, prepared)
+    out: dict = {}
+    try:
+        if validated:
+            sel, texts = cfg.trainer.select, {}
+            for kind in ("harmful", "harmless"):
+                prompts = [
+                    x.instruction for x in chat_prompts(tok, sel[kind], cfg.model.max_prompt_tokens)[0]
+                ]
+                answers = served.answer(prompts, sel.max_new_tokens)
+                texts[kind] = [tok.decode(x, skip_special_tokens=True) for x in answers]
+            out.update(validation=selectivity(texts["harmful"], texts["harmless"]), train_seconds=0.0,
+                       trained_tokens=0)  # fmt: skip
+        if evaluated:
+            m = inference.evaluate_deployed(cfg, model_path, served, p.directory / "answers.jsonl")
+            atomic_write_json(p.directory / "metrics.json", m)
+            out.update(eval=m["after"], original=m["before"], groups=m["groups"],
+                       answers=str(p.directory / "answers.jsonl"))  # fmt: skip
+    finally:
+        served.engine.close()
+    return out
 
 
-def run_point(cfg, p: Point, base: list[str], prepared: Prepared, answers) -> dict:
-    """A point's result: reused when its directory already holds one, else computed and stored."""
+def run_point(cfg, p: Point, base: list[str], prepared: Prepared, answers, evaluated: bool) -> dict:
+    """A point's result: its validation, and with ``evaluated`` its evaluation too (a SafeSteer run
+    always has both). What its directory already holds is reused; the rest is computed and stored."""
     done = p.directory / "result.json"
-    if done.is_file():
+    result = json.loads(done.read_text()) if done.is_file() else None
+    if result is not None and ("eval" in result or not evaluated):
         log.info("%s (%s): reusing %s", p.method, p.label, done)
-        return json.loads(done.read_text())
+        return result
     p.directory.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
-    if p.method in TRAINED:
-        result = run_baseline(cfg, p, base, answers, prepared)
-    elif p.method in DEPLOYED:
-        result = run_deployed(cfg, p, prepared)
-    else:
-        result = run_safesteer(p, base, prepared)
-    result.update(method=p.method, knobs=p.knobs, wall_seconds=time.perf_counter() - t)
+    if p.method in DEPLOYED:  # one engine for both
+        result = {**(result or {}), **run_deployed(cfg, p, prepared, result is None, evaluated)}
+    elif result is None:
+        result = (
+            train_baseline(cfg, p, answers, prepared)
+            if p.method in TRAINED
+            else run_safesteer(p, base, prepared)
+        )
+    if evaluated and "eval" not in result:
+        result.update(evaluate_baseline(p, base, result["model"]))
+    seconds = result.get("wall_seconds", 0.0) + time.perf_counter() - t
+    result.update(method=p.method, knobs=p.knobs, wall_seconds=seconds)
     atomic_write_json(done, result)
     return result
 
@@ -304,12 +325,20 @@ def points_table(results: list[dict]) -> list[str]:
     lines = ["## Every point", "", "| method | setting | validation selectivity | validation harmful / harmless "
              "refusal | harmful mean | benign mean | edgy mean | degenerate | MMLU | KL |", "|" + "---|" * 10]  # fmt: skip
     for r in results:
-        v, e = r["validation"], r["eval"]
-        cells = [r["method"], setting(r["knobs"]), f"{v['selectivity']:.3f}",
-                 f"{percent(v['val_harmful_refusal'])} / {percent(v['val_harmless_refusal'])}",
-                 percent(e["harmful_refusal_mean"]), percent(e["benign_refusal_mean"]),
-                 percent(e["edgy_refusal_mean"]), percent(e["degenerate_benign"]), percent(e["mmlu"]),
-                 f"{e.get('kl_per_token', 0):.4f}"]  # fmt: skip
+        v = r["validation"]
+        cells = [
+            r["method"],
+            setting(r["knobs"]),
+            f"{v['selectivity']:.3f}",
+            f"{percent(v['val_harmful_refusal'])} / {percent(v['val_harmless_refusal'])}",
+        ]
+        if "eval" in r:
+            e = r["eval"]
+            cells += [percent(e["harmful_refusal_mean"]), percent(e["benign_refusal_mean"]),
+                      percent(e["edgy_refusal_mean"]), percent(e["degenerate_benign"]), percent(e["mmlu"]),
+                      f"{e.get('kl_per_token', 0):.4f}"]  # fmt: skip
+        else:
+            cells += ["not evaluated (compare.evaluate=chosen)"] + [""] * 5
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -320,7 +349,7 @@ def dominating(results: list[dict], target: dict, max_drop: float = 0.02) -> lis
     t = target["eval"]
     return [
         r for r in results
-        if r["method"] != target["method"]
+        if r["method"] != target["method"] and "eval" in r
         and r["eval"]["harmful_refusal_mean"] > t["harmful_refusal_mean"]
         and r["eval"]["benign_refusal_mean"] <= t["benign_refusal_mean"]
         and r["original"]["mmlu"] - r["eval"]["mmlu"] <= max_drop + 1e-9
@@ -431,7 +460,13 @@ def command(cfg) -> None:
             baselines.save_answers(answers_file, a)
         return baselines.load_answers(answers_file)
 
-    results = [run_point(cfg, p, base, prepared, answers) for p in points(cfg, out, base)]
+    every = cfg.compare.evaluate == "every"
+    pts = points(cfg, out, base)
+    results = [run_point(cfg, p, base, prepared, answers, every) for p in pts]
+    if not every:  # validation chose; only the chosen points are evaluated
+        picked = chosen(results)
+        results = [run_point(cfg, p, base, prepared, answers, True) if picked[p.method] is r else r
+                   for p, r in zip(pts, results)]  # fmt: skip
     best = chosen(results)
     atomic_write_json(
         out / "compare.json", {"points": results, "chosen": {m: r["knobs"] for m, r in best.items()}}
@@ -440,7 +475,7 @@ def command(cfg) -> None:
              "", *table(best), "", *frontier_lines(results, best), "", *points_table(results), "",
              *examples(best), ""]  # fmt: skip
     atomic_write_text(out / "compare.md", "\n".join(lines))
-    frontier(results, best, out / "frontier.png")
+    frontier([r for r in results if "eval" in r], best, out / "frontier.png")
     atomic_write_text(
         out / "compare.html", markdown_page("SafeSteer comparison", lines, {"frontier": out / "frontier.png"})
     )

@@ -17,7 +17,6 @@ original model's answers are cached. The likelihood metrics run with transformer
 from __future__ import annotations
 
 import dataclasses
-import gc
 import hashlib
 import json
 import logging
@@ -502,25 +501,27 @@ def classify(cfg, answers: list[dict[str, list[str]]], sets: dict[str, list[str]
     engine_cfg = dataclasses.replace(typed(cfg.rollout), max_model_len=c.max_model_len)
     dtype = compute_dtype(cfg.model.dtype, device)
     engine = RolloutWorker(path, engine_cfg, dtype, cfg.seed, device, cfg.model.trust_remote_code)
-    out = []
-    for texts in answers:
-        rates = {}
-        for name in cfg.eval.harmful_sets:
-            prompts = [
-                judge.classifier_prompt(c.template, ctok, q, a) for q, a in zip(sets[name], texts[name])
-            ]
-            ids = [ctok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-            too_long = [len(x) for x in ids if len(x) + c.max_new_tokens > c.max_model_len]
-            if too_long:
-                raise SafeSteerError(
-                    f"eval.classifier.max_model_len={c.max_model_len}: a classifier prompt has {max(too_long)} tokens"
-                )
-            outputs = [ctok.decode(x, skip_special_tokens=True) for x in engine.greedy(ids, c.max_new_tokens)]
-            rates[name] = judge.classifier_rates([judge.classifier_verdict(c.template, o) for o in outputs])
-        out.append(rates)
-    del engine
-    gc.collect()
-    return out
+    try:
+        return [classified(cfg, ctok, engine, texts, sets) for texts in answers]
+    finally:
+        engine.close()
+
+
+def classified(cfg, ctok, engine, texts: dict[str, list[str]], sets: dict[str, list[str]]) -> dict[str, dict]:
+    """One answer set's harmful-set rates under the classifier judge."""
+    c = cfg.eval.classifier
+    rates = {}
+    for name in cfg.eval.harmful_sets:
+        prompts = [judge.classifier_prompt(c.template, ctok, q, a) for q, a in zip(sets[name], texts[name])]
+        ids = [ctok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        too_long = [len(x) for x in ids if len(x) + c.max_new_tokens > c.max_model_len]
+        if too_long:
+            raise SafeSteerError(
+                f"eval.classifier.max_model_len={c.max_model_len}: a classifier prompt has {max(too_long)} tokens"
+            )
+        outputs = [ctok.decode(x, skip_special_tokens=True) for x in engine.greedy(ids, c.max_new_tokens)]
+        rates[name] = judge.classifier_rates([judge.classifier_verdict(c.template, o) for o in outputs])
+    return rates
 
 
 def evaluate(
@@ -585,8 +586,7 @@ def engine_answers(cfg, path: str, tok, sets: dict[str, list[str]]) -> dict[str,
     try:
         return generate_answers(engine.greedy, tok, sets, cfg.eval.max_new_tokens)
     finally:
-        del engine
-        gc.collect()
+        engine.close()
 
 
 def original_engine_answers(

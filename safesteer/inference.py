@@ -8,10 +8,11 @@ A :class:`Deployed` model is the original weights plus one of
   at the last prompt token (harm-gated, or conditional, steering);
 - a safety system prompt.
 
-It answers prompts (HF generation with the hook: vLLM's CPU engine cannot run it) and scores
-continuations under the same rule, so the evaluation measures exactly what would be served: refusal
-rates, MMLU cloze, KL(original || deployed) and perplexity on the original model's answers, and the
-cost at inference (tokens per second with the hook against without, on the same prompts).
+It answers prompts from a vLLM engine with the hook inside its worker (:class:`SteeringEngine`, the
+steered teacher's :class:`safesteer.teacher.SteeringExtension`) and scores continuations with the HF
+model under the same rule, so the evaluation measures exactly what would be served: refusal rates,
+MMLU cloze, KL(original || deployed) and perplexity on the original model's answers, and the cost at
+inference (tokens per second of the same engine with the hook against without, on the same prompts).
 """
 
 from __future__ import annotations
@@ -26,21 +27,65 @@ import torch
 from tqdm import tqdm
 
 from safesteer import evaluate
+from safesteer.cluster import configure_threads
 from safesteer.core.batch import collate
-from safesteer.core.generation import chat_texts, generate
+from safesteer.core.generation import chat_texts
 from safesteer.core.probe import HarmProbe, last_token_states
 from safesteer.core.steering import SteeringVector, steering
 from safesteer.data import load_prompts
+from safesteer.models import compute_dtype, default_device
+from safesteer.rollout import greedy_completions, shut_down
+from safesteer.schema import typed
+from safesteer.teacher import steering_engine
+
+
+class SteeringEngine:
+    """Greedy answers of the original model from a vLLM engine (sized as ``cfg.rollout`` says), with
+    ``vector`` added at its block as :func:`safesteer.core.steering.steering` adds it, at the
+    coefficient of each call (``extra_len``: room for a system prompt's tokens)."""
+
+    def __init__(self, cfg, model_path: str, vector: SteeringVector | None, extra_len: int = 0):
+        device = default_device()
+        dtype = compute_dtype(cfg.model.dtype, device)
+        self.threads = cfg.rollout.threads
+        configure_threads(self.threads)
+        self.llm = steering_engine(model_path, typed(cfg.rollout), dtype, cfg.seed, device,
+                                   cfg.model.trust_remote_code, vector, extra_len)  # fmt: skip
+
+    def greedy(
+        self, prompt_ids: Sequence[Sequence[int]], max_tokens: int, coeff: float = 0.0, positions: str = "all"
+    ) -> list[list[int]]:
+        """Greedy answers with the vector at ``coeff`` (0: none) on ``positions``: ``all``, or the
+        ``prompt`` only (one engine call per prompt length, so one position threshold serves it)."""
+        groups: dict[int | None, list[int]] = {}
+        for i, p in enumerate(prompt_ids):
+            groups.setdefault(len(p) if coeff and positions == "prompt" else None, []).append(i)
+        out: list[list[int]] = [[] for _ in prompt_ids]
+        try:
+            for prompt_len, rows in groups.items():
+                self.llm.collective_rpc("safesteer_steer", args=(coeff, prompt_len))
+                for i, ids in zip(
+                    rows, greedy_completions(self.llm, [prompt_ids[i] for i in rows], max_tokens)
+                ):
+                    out[i] = ids
+        finally:
+            self.llm.collective_rpc("safesteer_steer", args=(0.0, None))
+        return out
+
+    def close(self) -> None:
+        shut_down(self, self.threads)
 
 
 @dataclass
 class Deployed:
     """The original ``model`` served with a steering vector (``coeff`` != 0; gated by ``probe`` when
     given) or with a ``system`` prompt. ``positions`` is where the vector is added (see
-    :func:`safesteer.core.steering.steering`)."""
+    :func:`safesteer.core.steering.steering`). ``model`` (HF) flags and scores; ``engine``, holding
+    the same vector, answers (None: scoring only)."""
 
     model: torch.nn.Module
     tok: object
+    engine: SteeringEngine | None = None
     vector: SteeringVector | None = None
     coeff: float = 0.0
     positions: str = "prompt"
@@ -59,27 +104,23 @@ class Deployed:
         states = last_token_states(self.model, ids, [self.probe.layer], self.batch_size)
         return self.probe.flags(states[self.probe.layer]).tolist()
 
-    def hook(self, mask: torch.Tensor | None = None) -> contextlib.AbstractContextManager:
-        """The steering hook (``mask``: (B, T) positions to steer in a scoring pass)."""
+    def hook(self, mask: torch.Tensor) -> contextlib.AbstractContextManager:
+        """The steering hook on the HF model, at the (B, T) positions ``mask`` marks in a scoring pass."""
         v = self.vector
-        if mask is None:
-            return steering(self.model, v.layer, v.vector, self.coeff, self.positions)
         return steering(self.model, v.layer, v.vector, self.coeff, "prompt", mask)
 
     def answer(self, instructions: Sequence[str], max_new_tokens: int) -> list[list[int]]:
-        """Greedy answers (new token ids): steered prompts and the others in separate batches."""
+        """Greedy answers (new token ids) from the engine: steered prompts and the others in separate calls."""
         flags = self.steered(instructions)
-        texts = chat_texts(self.tok, instructions, self.system)
+        ids = self.chat_ids(instructions)
         out: list[list[int]] = [[] for _ in instructions]
         for on in (True, False):
             rows = [i for i, f in enumerate(flags) if f == on]
-            if not rows:
-                continue
-            with self.hook() if on else contextlib.nullcontext():
-                ids = generate(self.model, self.tok, [texts[i] for i in rows], max_new_tokens,
-                               batch_size=self.batch_size)  # fmt: skip
-            for i, x in zip(rows, ids):
-                out[i] = x
+            if rows:
+                got = self.engine.greedy([ids[i] for i in rows], max_new_tokens, self.coeff if on else 0.0,
+                                         self.positions)  # fmt: skip
+                for i, x in zip(rows, got):
+                    out[i] = x
         return out
 
     @torch.no_grad()
@@ -153,7 +194,7 @@ def kl_and_perplexity(
 def throughput(served: Deployed, instructions: Sequence[str], max_new_tokens: int, rounds: int = 3) -> dict:
     """Generation speed (new tokens per second) of the deployment and of the same model without its
     hook or system prompt, on the same prompts, alternating for ``rounds`` rounds: the medians."""
-    plain = Deployed(served.model, served.tok, batch_size=served.batch_size)
+    plain = Deployed(served.model, served.tok, served.engine, batch_size=served.batch_size)
     speeds: dict[str, list[float]] = {"original": [], "deployed": []}
     for _ in range(rounds):
         for name, d in (("original", plain), ("deployed", served)):
@@ -169,7 +210,11 @@ def evaluate_deployed(cfg, base_path: str, served: Deployed, answers_path) -> di
     the cost at inference; every answer and verdict written to ``answers_path``."""
     e = cfg.eval
     sets, groups = evaluate.eval_sets(cfg), evaluate.set_groups(cfg)
-    before_ids = evaluate.original_engine_answers(cfg, base_path, served.tok, sets)
+    dtype = compute_dtype(cfg.model.dtype, default_device())
+    before_ids = evaluate.original_answers(  # from the cache, else the same engine without the hook
+        cfg, base_path, sets,
+        lambda: evaluate.generate_answers(served.engine.greedy, served.tok, sets, e.max_new_tokens), dtype,
+    )  # fmt: skip
     after_ids = {
         name: served.answer(prompts, e.max_new_tokens)
         for name, prompts in tqdm(sets.items(), desc="answers (deployed)", unit="set")

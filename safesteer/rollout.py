@@ -145,6 +145,34 @@ def completions_from_outputs(outputs) -> list[dict]:
     return out
 
 
+def greedy_completions(llm, prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy completions of a vLLM ``llm``, end-of-turn token stripped."""
+    from vllm import SamplingParams  # heavy: only the engine processes need vLLM
+
+    params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, skip_special_tokens=True)
+    outputs = llm.generate(  # a progress bar for evaluation-sized batches
+        [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=len(prompt_ids) > 64
+    )
+    eos = llm.get_tokenizer().eos_token_id
+    return [[t for t in o.outputs[0].token_ids if t != eos] for o in outputs]
+
+
+def shut_down(owner, threads: int) -> None:
+    """Free the in-process vLLM engine at ``owner.llm`` and give the process its ``threads`` back.
+
+    vLLM freezes every object alive after its start-up (``gc.freeze``) and cuts torch to one thread
+    for serving, so ``del`` alone leaves the model and the KV cache resident (an engine's worth of
+    gigabytes per engine started in the process) and the HF work that follows on one core: its own
+    cleanup unfreezes and collects them."""
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # heavy: engine side
+
+    owner.llm.llm_engine.engine_core.shutdown()
+    del owner.llm
+    cleanup_dist_env_and_memory()
+    release_freed_memory()
+    configure_threads(threads)
+
+
 class RolloutWorker:
     """A vLLM engine serving the student (wrapped by ``ray.remote`` in :mod:`safesteer.cluster`)."""
 
@@ -213,14 +241,7 @@ class RolloutWorker:
 
     def greedy(self, prompt_ids: Sequence[Sequence[int]], max_tokens: int) -> list[list[int]]:
         """Greedy completions (for evaluation), end-of-turn token stripped."""
-        from vllm import SamplingParams  # heavy: only the engine processes need vLLM
-
-        params = SamplingParams(n=1, temperature=0.0, max_tokens=max_tokens, skip_special_tokens=True)
-        outputs = self.llm.generate(  # a progress bar for evaluation-sized batches
-            [{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=len(prompt_ids) > 64
-        )
-        eos = self.llm.get_tokenizer().eos_token_id
-        return [[t for t in o.outputs[0].token_ids if t != eos] for o in outputs]
+        return greedy_completions(self.llm, prompt_ids, max_tokens)
 
     def load_weights(self, blob: bytes, version: int) -> dict:
         t = time.perf_counter()
@@ -239,6 +260,10 @@ class RolloutWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def close(self) -> None:
+        """Free the engine (in-process use: evaluation, validation)."""
+        shut_down(self, self.cfg.threads)
 
     def info(self) -> dict:
         return {

@@ -36,6 +36,7 @@ from safesteer.core.scoring import score_completions, teacher_prompt_ids
 from safesteer.core.steering import (
     POSITIONS,
     TEACHER_KINDS,
+    SteeringVector,
     Teacher,
     decoder_layers,
     load_vector_bytes,
@@ -259,7 +260,11 @@ class SteeringExtension:
 
     def safesteer_steer(self, coeff: float, prompt_len: int | None) -> bool:
         """Add ``coeff * r`` from now on (0 removes the hook); returns whether a hook is registered."""
-        state = self._safesteer
+        state = getattr(self, "_safesteer", None)
+        if state is None:  # no vector set: nothing to add or remove
+            if coeff:
+                raise SafeSteerError("safesteer_steer: no steering vector was set on this engine")
+            return False
         if state["handle"] is not None:
             state["handle"].remove()
             state["handle"] = None
@@ -283,6 +288,40 @@ class SteeringExtension:
         return True
 
 
+def steering_engine(
+    model_path: str,
+    engine: RolloutConfig,
+    dtype: str,
+    seed: int,
+    device: str,
+    trust_remote_code: bool,
+    vector: SteeringVector | None,
+    extra_len: int = 0,
+):
+    """A vLLM engine (``vllm.LLM``) on the weights at ``model_path`` with :class:`SteeringExtension` in
+    its worker and ``vector`` set (off until ``safesteer_steer``), sized like the rollout engine with
+    room for ``extra_len`` more prompt tokens (a system prompt). It runs eagerly, since a hook added to
+    a compiled or graph-captured model would be ignored, and without prefix caching, since a prompt
+    cached under one coefficient must not be reused under another."""
+    if device == "cpu":
+        os.environ.update(CPU_ENV)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gb))
+    from vllm import LLM  # heavy: only the engine processes need vLLM
+
+    kw = engine_kwargs(model_path, engine, dtype, seed, device, trust_remote_code)
+    kw.pop("weight_transfer_config", None)
+    kw.update(
+        worker_extension_cls="safesteer.teacher.SteeringExtension",
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        max_model_len=engine.max_model_len + extra_len,
+    )
+    llm = LLM(**kw)
+    if vector is not None:
+        llm.collective_rpc("safesteer_set_vector", args=(vector.layer, vector_bytes(vector)))
+    return llm
+
+
 def token_id_request(prompt: Sequence[int], completion: Sequence[int], ids: Sequence[int]) -> dict:
     """One vLLM scoring request: prompt + completion as the prompt, the safety ids scored at every
     row that predicts a completion token (rows ``len(prompt)-1 ..``; row ``j`` predicts completion
@@ -296,9 +335,7 @@ def token_id_request(prompt: Sequence[int], completion: Sequence[int], ids: Sequ
 
 class VLLMTeacherWorker:
     """The teacher served by a vLLM engine (``teacher.backend=vllm``; ``ray.remote`` in
-    :mod:`safesteer.cluster`). The engine is sized like the rollout engine; prefix caching is off, since
-    a cached prompt computed under one coefficient must not be reused under another, and the engine
-    runs eagerly, since a hook added to a compiled or graph-captured model would be ignored."""
+    :mod:`safesteer.cluster`), in a :func:`steering_engine`."""
 
     def __init__(
         self,
@@ -321,27 +358,13 @@ class VLLMTeacherWorker:
             raise SafeSteerError(
                 "teacher.backend=vllm scores the safety ids only (learner.loss=partial or bucket)"
             )
-        if device == "cpu":
-            os.environ.update(CPU_ENV)
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gb))
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
-        from vllm import LLM  # heavy: only the engine processes need vLLM
-
         self.cfg, self.tokens, self.teacher = cfg, tokens, make_teacher(cfg, vector_blob)
         self.tok = load_tokenizer(model_path, model.trust_remote_code, model.chat_template_kwargs)
-        kw = engine_kwargs(model_path, engine, dtype, seed, device, model.trust_remote_code)
-        kw.pop("weight_transfer_config", None)
         system = len(self.tok(self.teacher.system_prompt)["input_ids"]) if cfg.kind == "system_prompt" else 0
-        kw.update(
-            worker_extension_cls="safesteer.teacher.SteeringExtension",
-            enforce_eager=True,
-            enable_prefix_caching=False,
-            max_model_len=engine.max_model_len + system,
+        self.llm = steering_engine(
+            model_path, engine, dtype, seed, device, model.trust_remote_code, self.teacher.vector, system
         )
-        self.llm = LLM(**kw)
-        if self.teacher.vector is not None:
-            v = self.teacher.vector
-            self.llm.collective_rpc("safesteer_set_vector", args=(v.layer, vector_bytes(v)))
 
     def safety_tokens_hash(self) -> str | None:
         return self.tokens.content_hash()

@@ -104,6 +104,19 @@ def test_every_method_gets_a_row_and_a_finished_comparison_is_reused(tmp_path) -
     assert logs.count("): reusing") == 10 and "running:" not in logs, logs[-3000:]
     assert json.loads((run_dir / "compare.json").read_text())["chosen"] == result["chosen"]
 
+    # compare.evaluate=chosen: a new point is validated; only each method's chosen point is evaluated
+    third = compare(run_dir, "compare.sweeps.steered.coeff=[1.0,0.25]", "compare.evaluate=chosen")
+    assert third.returncode == 0, third.stderr[-3000:]
+    result = json.loads((run_dir / "compare.json").read_text())
+    steered = [r for r in result["points"] if r["method"] == "steered"]
+    assert [r["knobs"]["coeff"] for r in steered] == [1.0, 0.25]
+    best = max(steered, key=lambda r: r["validation"]["selectivity"])
+    assert result["chosen"]["steered"] == best["knobs"] and "eval" in best
+    new = steered[1]
+    assert ("eval" in new) == (new is best), new  # evaluated only when validation chose it
+    text = (run_dir / "compare.md").read_text()
+    assert ("not evaluated (compare.evaluate=chosen)" in text) == (new is not best)
+
 
 def point(method: str, harmful: float, benign: float, mmlu: float) -> dict:
     return {

@@ -590,11 +590,17 @@ def engine_answers(cfg, path: str, tok, sets: dict[str, list[str]]) -> dict[str,
 
 
 def original_engine_answers(
-    cfg, base_path: str, tok, sets: dict[str, list[str]]
+    cfg, base_path: str, tok, sets: dict[str, list[str]], greedy=None
 ) -> dict[str, list[list[int]]]:
-    """The original model's greedy answers by set: from the cache, else from a vLLM engine."""
+    """The original model's greedy answers by set: from the cache, else from ``greedy`` (an engine
+    already serving the original weights, see :func:`generate_answers`) or a vLLM engine started for them."""
     dtype = compute_dtype(cfg.model.dtype, default_device())
-    return original_answers(cfg, base_path, sets, lambda: engine_answers(cfg, base_path, tok, sets), dtype)
+    if greedy is None:
+        return original_answers(
+            cfg, base_path, sets, lambda: engine_answers(cfg, base_path, tok, sets), dtype
+        )
+    n = cfg.eval.max_new_tokens
+    return original_answers(cfg, base_path, sets, lambda: generate_answers(greedy, tok, sets, n), dtype)
 
 
 def command(cfg) -> None:

@@ -210,11 +210,8 @@ def evaluate_deployed(cfg, base_path: str, served: Deployed, answers_path) -> di
     the cost at inference; every answer and verdict written to ``answers_path``."""
     e = cfg.eval
     sets, groups = evaluate.eval_sets(cfg), evaluate.set_groups(cfg)
-    dtype = compute_dtype(cfg.model.dtype, default_device())
-    before_ids = evaluate.original_answers(  # from the cache, else the same engine without the hook
-        cfg, base_path, sets,
-        lambda: evaluate.generate_answers(served.engine.greedy, served.tok, sets, e.max_new_tokens), dtype,
-    )  # fmt: skip
+    # from the cache, else the same engine without the hook
+    before_ids = evaluate.original_engine_answers(cfg, base_path, served.tok, sets, served.engine.greedy)
     after_ids = {
         name: served.answer(prompts, e.max_new_tokens)
         for name, prompts in tqdm(sets.items(), desc="answers (deployed)", unit="set")

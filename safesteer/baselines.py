@@ -206,7 +206,8 @@ def dpo_examples(a: PairedAnswers) -> list[dict]:
 class Trained:
     model_dir: Path
     wall_seconds: float  # loading, tokenizing, training and saving (not the answers' generation)
-    trained_tokens: int  # completion tokens trained on (summed over epochs)
+    trained_tokens: int  # completion tokens trained on (summed over epochs; a fraction's share)
+    steps: int  # optimizer steps
 
 
 def _with_template_kwargs(cfg, examples: list[dict]) -> list[dict]:
@@ -216,14 +217,14 @@ def _with_template_kwargs(cfg, examples: list[dict]) -> list[dict]:
     return [{**e, "chat_template_kwargs": kw} for e in examples] if kw else list(examples)
 
 
-def _check_settings(lr: float, epochs: int) -> None:
-    if epochs < 1:
-        raise SafeSteerError(f"epochs={epochs}: the baselines train at least one epoch")
+def _check_settings(lr: float, epochs: float) -> None:
+    if not epochs > 0:
+        raise SafeSteerError(f"epochs={epochs}: must be positive (a fraction trains part of an epoch)")
     if not lr > 0:
         raise SafeSteerError(f"lr={lr}: the learning rate must be positive")
 
 
-def training_args(cfg, n_examples: int, lr: float, epochs: int, output_dir: str) -> dict:
+def training_args(cfg, n_examples: int, lr: float, epochs: float, output_dir: str) -> dict:
     """The ``TrainingArguments`` both baselines get: the learner's optimizer settings, and per optimizer
     step about the examples a SafeSteer step trains on (``trainer.prompts_per_step`` +
     ``trainer.anchors_per_step``), in micro-batches of the largest divisor of that number up to
@@ -235,7 +236,7 @@ def training_args(cfg, n_examples: int, lr: float, epochs: int, output_dir: str)
     device = default_device()
     return dict(
         output_dir=output_dir,
-        num_train_epochs=epochs,
+        num_train_epochs=float(epochs),  # a fraction: that share of an epoch's steps (rounded up)
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=per_step // micro,
         learning_rate=float(lr),
@@ -278,13 +279,14 @@ def _save(trainer, tok, out: Path) -> Path:
     return out
 
 
-def _train(trainer, what: str) -> None:
-    """Train; a non-finite mean loss is an error (nothing is saved)."""
+def _train(trainer, what: str) -> int:
+    """Train; returns the optimizer steps taken. A non-finite mean loss is an error (nothing is saved)."""
     result = trainer.train()
     log.info("%s baseline: %d optimizer steps, mean training loss %.4f", what, result.global_step,
              result.training_loss)  # fmt: skip
     if not math.isfinite(result.training_loss):
         raise SafeSteerError(f"{what} baseline: the training loss is not finite; lower the learning rate")
+    return result.global_step
 
 
 def _policy(cfg, model_path: str):
@@ -302,7 +304,7 @@ def _frozen_copy(cfg, model_path: str):
     ).eval()
 
 
-def train_sft(cfg, model_path: str, examples: list[dict], lr: float, epochs: int, out: Path) -> Trained:
+def train_sft(cfg, model_path: str, examples: list[dict], lr: float, epochs: float, out: Path) -> Trained:
     """Supervised fine-tuning on :func:`sft_examples` with TRL's ``SFTTrainer`` (loss on the
     completion only), written to ``out``."""
     # optional: the comparison's baselines only
@@ -329,15 +331,15 @@ def train_sft(cfg, model_path: str, examples: list[dict], lr: float, epochs: int
                 peft_config=_peft(cfg),
             )
         tokens = sum(sum(x != -100 for x in row) for row in trainer.train_dataset["labels"])
-        _train(trainer, "SFT")
+        steps = _train(trainer, "SFT")
         model_dir = _save(trainer, tok, out)
     del trainer, model
     gc.collect()  # a comparison trains several baselines in one process
-    return Trained(model_dir, time.perf_counter() - t0, int(tokens) * epochs)
+    return Trained(model_dir, time.perf_counter() - t0, round(int(tokens) * epochs), steps)
 
 
 def train_dpo(
-    cfg, model_path: str, examples: list[dict], beta: float, lr: float, epochs: int, out: Path
+    cfg, model_path: str, examples: list[dict], beta: float, lr: float, epochs: float, out: Path
 ) -> Trained:
     """DPO on :func:`dpo_examples` with TRL's ``DPOTrainer`` (sigmoid loss, ``beta``), against a frozen
     reference: a second copy of the original model loaded from ``model_path`` (what TRL would load
@@ -373,11 +375,11 @@ def train_dpo(
             )
         ds = trainer.train_dataset
         tokens = sum(len(c) + len(r) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"]))
-        _train(trainer, "DPO")
+        steps = _train(trainer, "DPO")
         model_dir = _save(trainer, tok, out)
     del trainer, model, ref
     gc.collect()  # a comparison trains several baselines in one process
-    return Trained(model_dir, time.perf_counter() - t0, int(tokens) * epochs)
+    return Trained(model_dir, time.perf_counter() - t0, round(int(tokens) * epochs), steps)
 
 
 def train_distill(cfg, model_path: str, vector_path: Path | None, lr: float, out: Path) -> Trained:
@@ -445,8 +447,8 @@ def train_distill(cfg, model_path: str, vector_path: Path | None, lr: float, out
                 processing_class=tok,
                 peft_config=_peft(cfg),
             )
-        _train(trainer, "TRL distillation")
+        steps = _train(trainer, "TRL distillation")
         model_dir = _save(trainer, tok, out)
     del trainer, model, teacher_model
     gc.collect()
-    return Trained(model_dir, time.perf_counter() - t0, tokens[0])
+    return Trained(model_dir, time.perf_counter() - t0, tokens[0], steps)

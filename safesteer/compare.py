@@ -188,14 +188,15 @@ def train_baseline(cfg, p: Point, answers, prepared: Prepared) -> dict:
         )
     elif p.method == "sft":
         trained = baselines.train_sft(cfg, model_path, baselines.sft_examples(answers()), float(k["lr"]),
-                                      int(k["epochs"]), p.directory / "model")  # fmt: skip
+                                      float(k["epochs"]), p.directory / "model")  # fmt: skip
     else:
         trained = baselines.train_dpo(cfg, model_path, baselines.dpo_examples(answers()), float(k["beta"]),
-                                      float(k["lr"]), int(k["epochs"]), p.directory / "model")  # fmt: skip
+                                      float(k["lr"]), float(k["epochs"]), p.directory / "model")  # fmt: skip
     return {
         "validation": validate(cfg, str(trained.model_dir)),
         "train_seconds": trained.wall_seconds,
         "trained_tokens": trained.trained_tokens,
+        "train_steps": trained.steps,
         "model": str(trained.model_dir),
     }
 

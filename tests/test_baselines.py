@@ -3,6 +3,7 @@ the tiny random model: the paired answers, the examples built from them, and the
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,10 @@ def test_train_sft(run, texts, tiny_model_dir: Path, tmp_path: Path):
     n_tokens = sum(n for _, n in before)
     assert trained.trained_tokens == 2 * n_tokens
     assert sum(lp for lp, _ in after) / n_tokens > sum(lp for lp, _ in before) / n_tokens
+    # a fraction of an epoch: that share of the steps (rounded up) and of the tokens
+    part = B.train_sft(cfg, str(tiny_model_dir), examples, lr=1e-3, epochs=0.5, out=tmp_path / "part")
+    assert trained.steps % 2 == 0 and part.steps == math.ceil(trained.steps / 4) < trained.steps
+    assert part.trained_tokens == round(n_tokens / 2)
 
 
 def test_train_dpo(run, texts, tiny_model_dir: Path, tmp_path: Path):

@@ -48,6 +48,7 @@ from safesteer import baselines, inference
 from safesteer.core.steering import SAFETY_SYSTEM_PROMPT, decoder_layers, load_vector
 from safesteer.data.training import chat_prompts
 from safesteer.errors import SafeSteerError
+from safesteer.interrupts import STOP
 from safesteer.models import compute_dtype, default_device, load_hf, load_tokenizer, resolve_model_path
 from safesteer.paths import atomic_write_json, atomic_write_text
 from safesteer.prepare import Prepared, build_probe, prepare
@@ -266,6 +267,7 @@ def run_point(cfg, p: Point, base: list[str], prepared: Prepared, answers, evalu
         log.info("%s (%s): reusing %s", p.method, p.label, done)
         return result
     p.directory.mkdir(parents=True, exist_ok=True)
+    STOP.at(f"{p.method} ({p.label})")
     t = time.perf_counter()
     if p.method in DEPLOYED:  # one engine for both
         result = {**(result or {}), **run_deployed(cfg, p, prepared, result is None, evaluated)}
@@ -451,6 +453,7 @@ def command(cfg) -> None:
     if not cfg.compare.methods:
         raise SafeSteerError("compare.methods: empty; name at least one of " + ", ".join(METHODS))
     model_path = resolve_model_path(cfg.model.path)
+    STOP.at("prepare")
     prepared = prepare(cfg, out / "prepare", model_path)  # one teacher for every method
     base = base_overrides()
     answers_file = out / "paired_answers.jsonl"

@@ -61,12 +61,30 @@ class Stop:
         self._raised = False
         self.last: Interrupted | None = None  # what the handler raised
         self._alive: Callable[[], bool] | None = None
+        self._redeliver = False
+        self._unraisable_before = sys.unraisablehook
         self.run_dir = "."
 
     def install(self) -> None:
         """(Re)install the handlers: Ray's ``ray.init`` and some imports put in their own."""
         for s in SIGNALS:
             signal.signal(s, self._handle)
+        if sys.unraisablehook != self._unraisable:
+            self._unraisable_before = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
+
+    def _unraisable(self, u) -> None:
+        """A handler's stop raised inside a finalizer (a ``__del__``, a weakref or GC callback: Python
+        prints "Exception ignored" and goes on) would be lost, and every later signal only reported:
+        deliver it again, by the same signal sent a moment later (from here it would run the handler
+        inside this hook, where a raise is ignored too)."""
+        if u.exc_value is not None and u.exc_value is self.last:
+            self._redeliver = True
+            again = threading.Timer(0.1, os.kill, (os.getpid(), self.last.signum))
+            again.daemon = True
+            again.start()
+            return
+        self._unraisable_before(u)
 
     def watch(self, alive: Callable[[], bool]) -> None:
         """``alive()`` says whether the workers can still finish a step (e.g. the Ray cluster answers)."""
@@ -123,6 +141,9 @@ class Stop:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if self._redeliver and self.last is not None:  # the first raise was swallowed (_unraisable)
+            self._redeliver = False
+            raise self.last
         if self._raised:  # already on the way out: the actors are being shut down
             print(f"{name}: already stopping (shutting the actors down)", file=sys.stderr, flush=True)
             return
@@ -163,15 +184,24 @@ def cause(e: BaseException | None) -> Interrupted | None:
     return None
 
 
-def resume_command(run_dir: str, argv: list[str] | None = None) -> str:
-    """The command line that continues this run: its own overrides, its run directory, resume=auto."""
+def command_module(prog: str | None = None) -> str:
+    """The ``python -m`` module this process runs (``safesteer.run`` unless ``sys.argv[0]`` names
+    another of the project's commands)."""
+    prog = (sys.argv[0] if sys.argv else "") if prog is None else prog
+    if prog.endswith(".py") and "safesteer" in prog:
+        return "safesteer." + prog.rsplit("/", 1)[-1][: -len(".py")]
+    return "safesteer.run"
+
+
+def resume_command(run_dir: str, argv: list[str] | None = None, module: str | None = None) -> str:
+    """The command line that continues this run: its own overrides and its run directory; a training
+    run also ``trainer.resume=auto``. Other commands resume by running again in the same directory
+    (a comparison reuses its finished points: an added override would change their keys)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     keep = [a for a in argv if not a.startswith(("trainer.resume=", "hydra.run.dir="))]
-    module = "safesteer.run"
-    prog = sys.argv[0] if sys.argv else ""
-    if prog.endswith(".py") and "safesteer" in prog:
-        module = "safesteer." + prog.rsplit("/", 1)[-1][: -len(".py")]
-    return shlex.join(["python", "-m", module, *keep, f"hydra.run.dir={run_dir}", "trainer.resume=auto"])
+    module = module or command_module()
+    resume = ["trainer.resume=auto"] if module == "safesteer.run" else []
+    return shlex.join(["python", "-m", module, *keep, f"hydra.run.dir={run_dir}", *resume])
 
 
 def message(e: Interrupted, run_dir: str) -> str:
@@ -179,6 +209,8 @@ def message(e: Interrupted, run_dir: str) -> str:
     name = signal.Signals(e.signum).name
     if e.saved:
         what = f"saved checkpoint {e.saved}"
+    elif command_module() != "safesteer.run":  # no checkpoints: what finished is kept
+        what = "nothing half-written kept"
     else:
         newest = latest(Path(run_dir) / "checkpoints")
         kept = f"newest checkpoint {newest.path}" if newest else "no checkpoint yet"

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 
 import pytest
@@ -21,11 +22,13 @@ from safesteer.paths import LOCK_FILE, RunLock, atomic_dir, lock_holder
 def stop():
     """A fresh :class:`Stop` with its handlers installed; the previous handlers are put back after."""
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    hook = sys.unraisablehook
     s = Stop()
     s.install()
     yield s
     for sig, h in before.items():
         signal.signal(sig, h)
+    sys.unraisablehook = hook
 
 
 def test_exit_codes_follow_the_shell_convention():
@@ -40,6 +43,29 @@ def test_outside_training_the_first_signal_stops_at_once(stop):
         signal.raise_signal(signal.SIGTERM)
     assert (e.value.signum, e.value.at_once, e.value.stage) == (signal.SIGTERM, False, "prepare")
     signal.raise_signal(signal.SIGINT)  # once stopping, a further signal is only reported
+
+
+def test_a_stop_raised_inside_a_finalizer_is_delivered_again(stop):
+    """Python cannot raise out of a ``__del__`` (it prints "Exception ignored" and goes on): the stop
+    must still reach the main code, not be lost with every later signal only reported."""
+
+    raised_inside = []
+
+    class Finalized:
+        def __del__(self):
+            try:
+                signal.raise_signal(signal.SIGTERM)  # the signal arrives while a finalizer runs
+            except Interrupted as e:  # the handler raised inside it: Python ignores this
+                raised_inside.append(e)
+                raise
+
+    stop.at("prepare")
+    with pytest.raises(Interrupted) as e:
+        Finalized()  # collected at once: its __del__ runs here
+        for _ in range(10_000):
+            time.sleep(0.001)
+    assert (e.value.signum, e.value.at_once, e.value.stage) == (signal.SIGTERM, False, "prepare")
+    assert raised_inside == [e.value]  # raised inside the finalizer first, then again outside
 
 
 def test_in_training_the_first_signal_asks_and_the_second_stops_at_once(stop, capsys):
@@ -129,6 +155,11 @@ def test_the_resume_command_keeps_the_overrides_and_names_the_directory():
     assert resume_command("/runs/r 1", argv) == (
         "python -m safesteer.run +experiment=smoke learner.lr=1e-4 'data.train=[a,b]' "
         "'hydra.run.dir=/runs/r 1' trainer.resume=auto"
+    )
+    # another command resumes by running again in its directory: nothing added (a comparison's
+    # finished points are keyed by its overrides)
+    assert resume_command("/runs/c", argv, module="safesteer.compare") == (
+        "python -m safesteer.compare +experiment=smoke learner.lr=1e-4 'data.train=[a,b]' hydra.run.dir=/runs/c"
     )
 
 

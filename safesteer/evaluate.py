@@ -37,6 +37,7 @@ from safesteer.core.generation import chat_texts
 from safesteer.core.scoring import _head_logits, right_padded_positions
 from safesteer.data import held_out, load_prompts
 from safesteer.errors import SafeSteerError
+from safesteer.interrupts import STOP
 from safesteer.models import (
     compute_dtype,
     default_device,
@@ -605,6 +606,7 @@ def original_engine_answers(
 
 def command(cfg) -> None:
     """``python -m safesteer.evaluate``."""
+    STOP.at("evaluation")
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     base_path = resolve_model_path(cfg.model.path)
     trained_path = resolve_model_path(cfg.eval.model) if cfg.eval.model else None

@@ -1,7 +1,8 @@
 """A run owns its run directory and leaves its caches whole, for real: ``python -m safesteer.run`` on the
 tiny model, interrupted during prepare, run twice into one directory, SIGKILLed with its lock held, and
-two prepares of one cache key at once. (Stopping during distillation, and resuming from there, is
-tested with the other faults in test_reliability.py.)"""
+two prepares of one cache key at once; and ``python -m safesteer.compare`` stopped while a baseline
+trains. (Stopping during distillation, and resuming from there, is tested with the other faults in
+test_reliability.py.)"""
 
 from __future__ import annotations
 
@@ -154,3 +155,28 @@ def test_two_prepares_of_one_key_at_once_leave_one_complete_cache_entry(tmp_path
     ]
     tokens = (entry / "safety_tokens.json").read_text()
     assert all((tmp_path / f"run{i}" / "safety_tokens.json").read_text() == tokens for i in (0, 1))
+
+
+def test_a_stopped_comparison_names_the_point_and_resumes_by_running_again(tmp_path):
+    """SIGTERM while an SFT point trains (real TRL): exit 143 with one line naming the point, no result
+    or model half-written, and a resume command that adds nothing (an added override would change the
+    finished points' keys)."""
+    run_dir, log = tmp_path / "cmp", tmp_path / "log"
+    cmd = [sys.executable, "-m", "safesteer.compare", "+experiment=smoke", f"hydra.run.dir={run_dir}",
+           "compare.methods=[sft]", "compare.sweeps.sft.lr=[1e-4]", "compare.sweeps.sft.epochs=[500]"]  # fmt: skip
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def training() -> bool:  # the SFT trainer's progress bar shows a step
+        text = log.read_text()
+        return "Building labels" in text and "| 1/" in text.split("Building labels")[-1]
+
+    wait_for(training, proc, log, timeout=400)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc, log, timeout=60)
+    assert rc == 143, out[-3000:]
+    line = out[out.index("SIGTERM: ") :].splitlines()[0]  # it follows the progress bar on its line
+    assert line.startswith("SIGTERM: stopped during sft (lr=0.0001, epochs=500); nothing half-written kept;")
+    assert line.endswith(f"hydra.run.dir={run_dir}") and "trainer.resume" not in line, line
+    point_dir = next((run_dir / "sft").iterdir())
+    assert list(point_dir.iterdir()) == []  # no result.json, no model (written atomically)

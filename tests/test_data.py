@@ -34,6 +34,7 @@ EXPECTED_COUNTS = {  # the sizes the build enforces, and those of the sets it ta
     "eval_xstest_edgy": 60,
     "eval_everyday": 60,
     "val_edgy": 80,
+    "val_harmful_kinds": 17,
 }
 WRITTEN_EVAL = ("eval_coding", "eval_math", "eval_factual", "eval_xstest_edgy", "eval_everyday")
 HARMFUL_EVAL = ("eval_advbench", "eval_harmbench", "eval_donotanswer", "eval_tense")
@@ -146,6 +147,30 @@ def test_edgy_validation_set_is_held_out_from_every_evaluation_set() -> None:
     assert {n: held_out(n, {"trainer.select.harmless": "val_edgy"}) for n in evals} == {n: [] for n in evals}
     refs = [content_words(p.instruction) for n in evals for p in load_prompts(n)]
     for p in load_prompts("val_edgy"):
+        w = content_words(p.instruction)
+        assert all(_jaccard(w, r) < NEAR_DUP_THRESHOLD for r in refs), p.instruction
+
+
+def test_harmful_kinds_sets_split_each_category_and_are_held_out_from_every_evaluation_set() -> None:
+    """The six-kind harmful sets: every category in both splits, no prompt in both, and no shared
+    file, source or generator with an evaluation set, nor a near copy of an evaluation prompt."""
+    train, val = load_prompts("train_harmful_kinds"), load_prompts("val_harmful_kinds")
+    kinds = {
+        "prompt_injection",
+        "jailbreaking",
+        "data_exfiltration",
+        "toxicity",
+        "malwaregen",
+        "misinformation",
+    }
+    assert {p.category for p in train} == {p.category for p in val} == kinds
+    assert all(sum(p.category == k for p in train) == 7 for k in kinds)
+    assert not {p.instruction for p in train} & {p.instruction for p in val}
+    evals = [n for n in BUNDLED if n.startswith("eval_")]
+    fits = {"data.train": "train_harmful_kinds", "trainer.select.harmful": "val_harmful_kinds"}
+    assert {n: held_out(n, fits) for n in evals} == {n: [] for n in evals}
+    refs = [content_words(p.instruction) for n in evals for p in load_prompts(n)]
+    for p in train + val:
         w = content_words(p.instruction)
         assert all(_jaccard(w, r) < NEAR_DUP_THRESHOLD for r in refs), p.instruction
 

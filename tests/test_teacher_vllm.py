@@ -4,17 +4,16 @@ score fixed ids refuses the backend at start with one line."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from procs import child_result
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Runs in a child process: an in-process vLLM engine sets process-wide state (seeds, a torch
-# distributed group) that must not leak into the other tests.
+# Runs in a child process (procs.child_result).
 HOOK_CHECK = r"""
 import json, os, sys
 os.environ.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCH_COMPILE_DISABLE": "1",
@@ -77,15 +76,7 @@ def test_vllm_steering_hook_reproduces_the_hf_hook(tiny_model_dir):
     """Real vLLM CPU engine (V1 runner, ``prompt_logprobs``), real HF model, same tiny Llama and vector:
     the engine's log-probs over the completion equal the HF steered teacher's, for every-position and
     prompt-only steering, and equal the unsteered model once the hook is removed."""
-    p = subprocess.run(
-        [sys.executable, "-c", HOOK_CHECK, str(tiny_model_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads(p.stdout.split("RESULT", 1)[1])
+    res = child_result(HOOK_CHECK, str(tiny_model_dir))
     assert res["width"] == 64
     for positions in ("all", "prompt"):
         r = res[positions]

@@ -114,30 +114,28 @@ def _packed_on_first_use(module):
     return linear
 
 
-class EngineMemory:
-    """A method added to the vLLM workers of every engine (rollout, teacher, served baselines)."""
-
-    def safesteer_drop_embedding_copy(self) -> int:
-        """:func:`drop_embedding_copy` on the worker's model, the freed pages returned to the system."""
-        dropped = drop_embedding_copy(self.get_model())
-        release_freed_memory()
-        return dropped
+def _drop_in_worker(worker) -> int:
+    """Run in each vLLM worker by :func:`start_engine` (``collective_rpc`` with a function, not a
+    worker method: vLLM adds every engine's extension to the same worker class and refuses a name the
+    class already has, so engines with different extensions could not share a process)."""
+    dropped = drop_embedding_copy(worker.get_model())
+    release_freed_memory()
+    return dropped
 
 
 def start_engine(**kw):
-    """``vllm.LLM(**kw)`` without the dead copy of its input embedding (:func:`drop_embedding_copy`;
-    the worker extension must derive from :class:`EngineMemory`)."""
+    """``vllm.LLM(**kw)`` without the dead copy of its input embedding (:func:`drop_embedding_copy`)."""
     from vllm import LLM  # heavy: only the engine processes need vLLM
 
     llm = LLM(**kw)
-    dropped = sum(llm.collective_rpc("safesteer_drop_embedding_copy"))
+    dropped = sum(llm.collective_rpc(_drop_in_worker))
     if dropped:
         log.info("engine: dropped the packed copy of the input embedding (%.0f MiB)", dropped / 2**20)
     release_freed_memory()  # the load's and the profile run's temporaries
     return llm
 
 
-class WeightSyncExtension(EngineMemory):
+class WeightSyncExtension:
     """Methods added to every vLLM worker (``worker_extension_cls``)."""
 
     def safesteer_reload(self, blob: bytes) -> str:

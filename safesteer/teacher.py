@@ -45,7 +45,7 @@ from safesteer.core.steering import (
 from safesteer.core.tokens import SafetyTokens
 from safesteer.errors import SafeSteerError
 from safesteer.models import ModelConfig, load_hf, load_tokenizer
-from safesteer.rollout import EngineMemory, RolloutConfig, engine_kwargs, set_cpu_engine_env, start_engine
+from safesteer.rollout import RolloutConfig, engine_kwargs, set_cpu_engine_env, start_engine
 from safesteer.schema import option, require
 
 
@@ -237,7 +237,7 @@ class TeacherWorker(HFScoring):
 
 
 # ------------------------------------------------------------------------------------ vLLM backend
-class SteeringExtension(EngineMemory):
+class SteeringExtension:
     """Methods added to the teacher engine's vLLM worker (``worker_extension_cls``): the steering hook.
 
     vLLM's decoder layers take ``(positions, hidden_states, residual)`` over the flattened tokens of

@@ -145,8 +145,10 @@ class WeightSyncExtension:
         was started from, read from its checkpoint one layer at a time: the engine then holds the
         base weights plus these adapters, whatever it held before."""
         if is_factor_blob(blob):
-            # a partial reload by design: vLLM's warning would list every untouched tensor each step
-            logging.getLogger("vllm.model_executor.model_loader.reload.inplace").addFilter(_partial_reload)
+            # a partial reload by design: vLLM's warnings would list every untouched tensor and module
+            # (norms, embeddings: they keep their weights) at each step
+            for part in ("inplace", "layerwise"):
+                logging.getLogger(f"vllm.model_executor.model_loader.reload.{part}").addFilter(_partial_reload)
             read = CheckpointReader(self.model_config.model)
             weights = with_biases(merged_weights(blob, read), read)
         else:
@@ -158,7 +160,8 @@ class WeightSyncExtension:
 
 
 def _partial_reload(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Following weights were not loaded")
+    msg = str(record.msg)
+    return not (msg.startswith("Following weights were not loaded") or msg.endswith("Failed to load weights"))
 
 
 def with_biases(weights, read: CheckpointReader):

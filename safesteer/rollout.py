@@ -115,20 +115,24 @@ def _packed_on_first_use(module):
 
 
 def _drop_in_worker(worker) -> int:
-    """Run in each vLLM worker by :func:`start_engine` (``collective_rpc`` with a function, not a
-    worker method: vLLM adds every engine's extension to the same worker class and refuses a name the
-    class already has, so engines with different extensions could not share a process)."""
+    """Run in the vLLM worker by :func:`start_engine` (``collective_rpc`` with a function, not a worker
+    method: vLLM adds every engine's extension to the same worker class and refuses a name the class
+    already has, so engines with different extensions could not share a process)."""
     dropped = drop_embedding_copy(worker.get_model())
     release_freed_memory()
     return dropped
 
 
-def start_engine(**kw):
-    """``vllm.LLM(**kw)`` without the dead copy of its input embedding (:func:`drop_embedding_copy`)."""
+def start_engine(device: str, **kw):
+    """``vllm.LLM(**kw)`` without the dead copy of its input embedding (:func:`drop_embedding_copy`).
+
+    Only CPU engines have the copy, and they run in-process (:data:`CPU_ENV`), where the function
+    reaches the worker as it is; an engine core in another process (GPUs) could only receive it
+    through vLLM's pickle-based serialization, which stays off."""
     from vllm import LLM  # heavy: only the engine processes need vLLM
 
     llm = LLM(**kw)
-    dropped = sum(llm.collective_rpc(_drop_in_worker))
+    dropped = sum(llm.collective_rpc(_drop_in_worker)) if device == "cpu" else 0
     if dropped:
         log.info("engine: dropped the packed copy of the input embedding (%.0f MiB)", dropped / 2**20)
     release_freed_memory()  # the load's and the profile run's temporaries
@@ -148,7 +152,9 @@ class WeightSyncExtension:
             # a partial reload by design: vLLM's warnings would list every untouched tensor and module
             # (norms, embeddings: they keep their weights) at each step
             for part in ("inplace", "layerwise"):
-                logging.getLogger(f"vllm.model_executor.model_loader.reload.{part}").addFilter(_partial_reload)
+                logging.getLogger(f"vllm.model_executor.model_loader.reload.{part}").addFilter(
+                    _partial_reload
+                )
             read = CheckpointReader(self.model_config.model)
             weights = with_biases(merged_weights(blob, read), read)
         else:
@@ -260,7 +266,9 @@ class RolloutWorker:
             set_cpu_engine_env(cfg)
         self.cfg = cfg
         self.version = 0
-        self.llm = start_engine(**engine_kwargs(model_path, cfg, dtype, seed, device, trust_remote_code))
+        self.llm = start_engine(
+            device, **engine_kwargs(model_path, cfg, dtype, seed, device, trust_remote_code)
+        )
         self.weights_sha256 = None
 
     def generate(

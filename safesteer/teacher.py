@@ -313,7 +313,7 @@ def steering_engine(
         enable_prefix_caching=False,
         max_model_len=engine.max_model_len + extra_len,
     )
-    llm = start_engine(**kw)
+    llm = start_engine(device, **kw)
     if vector is not None:
         llm.collective_rpc("safesteer_set_vector", args=(vector.layer, vector_bytes(vector)))
     return llm

@@ -118,9 +118,7 @@ def _drop_in_worker(worker) -> int:
     """Run in the vLLM worker by :func:`start_engine` (``collective_rpc`` with a function, not a worker
     method: vLLM adds every engine's extension to the same worker class and refuses a name the class
     already has, so engines with different extensions could not share a process)."""
-    dropped = drop_embedding_copy(worker.get_model())
-    release_freed_memory()
-    return dropped
+    return drop_embedding_copy(worker.get_model())
 
 
 def start_engine(device: str, **kw):
@@ -135,7 +133,7 @@ def start_engine(device: str, **kw):
     dropped = sum(llm.collective_rpc(_drop_in_worker)) if device == "cpu" else 0
     if dropped:
         log.info("engine: dropped the packed copy of the input embedding (%.0f MiB)", dropped / 2**20)
-    release_freed_memory()  # the load's and the profile run's temporaries
+    release_freed_memory()  # the load's and the profile run's temporaries, the dropped copy
     return llm
 
 
